@@ -1,0 +1,421 @@
+"""MPVG: Maximizing the Position Embedding for Vision Transformers with Global Average Pooling.
+
+A from-scratch Vision Transformer (torch only) whose position-embedding (PE) scheme is a switch:
+
+    vit   standard ViT/DeiT: PE added once to the tokens, class token           (Fig. 3a)
+    gap   as vit, but no class token: global average pooling (GAP)           (Fig. 5a)
+    lape  layer-wise PE with its own LayerNorm in every layer, class token   (Fig. 3b; Yu et al., ICCV 2023)
+    pvg   layer-wise PE from layer 1 on, PE also added before layer 0, GAP   (Fig. 3c)
+    mpvg  pvg + the raw PE, through its own LayerNorm, added at the Last LN  (Fig. 3d)
+
+Paper: W. Lee, B. Ham, S. Kim, AAAI 2025, arXiv 2502.02919. No official MPVG code is public; LaPE's is
+(github.com/Ingrid725/LaPE) and `lape` follows it. Each preset is a few orthogonal knobs (`PEConfig`), so
+every ablation of the paper is one line:
+
+    create_model('deit_tiny', pe='mpvg', hierarchical=False)   # Table 6, "non-hierarchical"
+    create_model('deit_tiny', pe='mpvg', last_ln_pe=8)         # Table 5, pos_8 at the Last LN
+    create_model('deit_tiny', pe='gap', last_ln_pe=0)          # Fig. 5b, GAP + PE at the Last LN only
+
+Where the equations live (numbers as in the paper's method section; the code lines carry them too):
+
+    Eq. (1)  x_0 = [x_cls; p_1..p_N] + pos                 VisionTransformer.forward_features
+    Eq. (2)  x'_l = MSA(LN_l(x_l)) + x_l                    Block.forward
+    Eq. (3)  x_{l+1} = MLP(LN''_l(x'_l)) + x'_l             Block.forward
+    Eq. (4)  y = LN(x_{L+1})  ("Last LN")                   VisionTransformer.forward_features
+    Eq. (5)  x_0 = [x_cls; p_1..p_N]  (LaPE: no x + PE)     VisionTransformer.forward_features
+    Eq. (6)  x'_l = MSA(LN_l(x_l) + LN'_l(pos_l)) + x_l     Block.forward
+    Eq. (7)  pos_{l+1} = LN'_l(pos_l)  (hierarchical)       VisionTransformer.layer_pes
+    Eq. (8)  x_0 = [p_1..p_N] + pos_0  (PVG: no cls token)  VisionTransformer.forward_features
+    Eq. (9)  x'_l = MSA(LN_l(x_l) + LN'_l(pos_{l-1})) + x_l Block.forward
+    Eq. (10) pos_l = LN'_l(pos_{l-1})                       VisionTransformer.layer_pes
+    Eq. (11) y = LN(x_{L+1}) + LN'(pos_0)  (MPVG)           VisionTransformer.forward_features
+
+Models: `vit_lite_7_4` (CIFAR, 32x32, the Compact-Transformers layer) and `deit_tiny/small/base` (224x224,
+timm names and init, so a timm `deit_*_patch16_224` state dict loads with strict=True into `pe='vit'`).
+
+Two kinds of comments: `##` lines teach (strip them and the code still reads), `#` lines are functional.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["PEConfig", "PE_PRESETS", "PE_KNOBS", "ViTConfig", "MODELS", "VisionTransformer",
+           "create_model", "probe", "pe_token_correlation"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The switch: five presets of five orthogonal knobs (PAPER.md §2)
+# ----------------------------------------------------------------------------------------------------
+
+POOLS = ("cls", "gap")
+
+
+@dataclass(frozen=True)
+class PEConfig:
+    """Where the position embedding goes. The forward pass reads these knobs, never the preset name."""
+
+    pool: str = "gap"                  # 'cls': logits from the class token; 'gap': no class token, mean of tokens
+    pe_at_input: bool = True           # Eq. (1)/(8): pos_0 added to the tokens before layer 0 ("x + PE")
+    layerwise_from: int | None = 1     # first layer that adds LN'_l(PE) to its MSA input; None: no layer-wise PE
+    hierarchical: bool = True          # Eq. (7)/(10): pos_l = LN'_l(pos_{l-1}); False: pos_l = LN'_l(pos_0)
+    last_ln_pe: int | None = 0         # added after the Last LN through its own LN': 0 = raw pos_0 (Eq. 11),
+                                       # k >= 1 = pos_k, the PE layer k adds (Table 5); None = nothing
+
+    def validate(self, depth: int) -> None:
+        """Raise ValueError, naming the bad value and the valid ones, for a combination that cannot be built."""
+        if self.pool not in POOLS:
+            raise ValueError(f"pool={self.pool!r} is not a pooling; valid: {', '.join(map(repr, POOLS))}")
+        for knob in ("pe_at_input", "hierarchical"):
+            if not isinstance(getattr(self, knob), bool):
+                raise ValueError(f"{knob}={getattr(self, knob)!r} must be True or False")
+        first = self.layerwise_from
+        if first is not None and not (isinstance(first, int) and 0 <= first < depth):
+            raise ValueError(f"layerwise_from={first!r} is not a layer of a depth-{depth} model; "
+                             f"valid: None or 0..{depth - 1}")
+        if first is None and not self.hierarchical:
+            raise ValueError("hierarchical=False only changes the layer-wise PE chain, and layerwise_from=None "
+                             "has none; valid: hierarchical=True, or set layerwise_from to 0..{}".format(depth - 1))
+        k = self.last_ln_pe
+        if k is not None and not isinstance(k, int):
+            raise ValueError(f"last_ln_pe={k!r} must be None or a layer index")
+        if k is not None and k != 0:
+            layers = [] if first is None else list(range(max(first, 1), depth))
+            if k not in layers:
+                valid = ", ".join(map(str, layers)) or "none: this config has no layer-wise PE"
+                raise ValueError(f"last_ln_pe={k!r} names no PE of this model: valid are None, 0 (raw pos_0), "
+                                 f"or a layer k >= 1 that adds a layer-wise PE ({valid})")
+
+
+PE_PRESETS: dict[str, PEConfig] = {
+    "vit":  PEConfig(pool="cls", pe_at_input=True,  layerwise_from=None, last_ln_pe=None),
+    "gap":  PEConfig(pool="gap", pe_at_input=True,  layerwise_from=None, last_ln_pe=None),
+    "lape": PEConfig(pool="cls", pe_at_input=False, layerwise_from=0,    last_ln_pe=None),
+    "pvg":  PEConfig(pool="gap", pe_at_input=True,  layerwise_from=1,    last_ln_pe=None),
+    "mpvg": PEConfig(pool="gap", pe_at_input=True,  layerwise_from=1,    last_ln_pe=0),
+}
+PE_KNOBS = tuple(f.name for f in dataclasses.fields(PEConfig))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model configurations (PAPER.md §3)
+# ----------------------------------------------------------------------------------------------------
+
+FAMILIES = ("deit", "cct")
+
+
+@dataclass
+class ViTConfig:
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+    embed_dim: int = 192
+    depth: int = 12
+    num_heads: int = 3
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    norm_eps: float = 1e-6
+    family: str = "deit"               # 'deit': pre-norm block + timm/DeiT init; 'cct': ViT-Lite layer + CCT init
+    drop_path_rate: float = 0.1        # stochastic depth, linear in depth from 0 to this
+    attn_drop_rate: float = 0.0        # dropout on the attention probabilities
+    fused_attn: bool = True            # F.scaled_dot_product_attention; False: the written-out softmax(QK^T/sqrt(d))V
+    pe: PEConfig = dataclasses.field(default_factory=lambda: PE_PRESETS["mpvg"])
+
+
+MODELS: dict[str, dict] = {
+    ## Compact-Transformers `vit_7_4_32` (SHI-Labs): 32x32 CIFAR images, 4x4 patches -> 64 tokens.
+    "vit_lite_7_4": dict(img_size=32, patch_size=4, num_classes=100, embed_dim=256, depth=7, num_heads=4,
+                         mlp_ratio=2.0, qkv_bias=False, norm_eps=1e-5, family="cct",
+                         drop_path_rate=0.1, attn_drop_rate=0.1),
+    ## timm `deit_{tiny,small,base}_patch16_224`: 224x224 ImageNet images, 16x16 patches -> 196 tokens.
+    "deit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "deit_small": dict(embed_dim=384, depth=12, num_heads=6),
+    "deit_base": dict(embed_dim=768, depth=12, num_heads=12),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building blocks, in the order the data flows through them
+# ----------------------------------------------------------------------------------------------------
+
+class PatchEmbed(nn.Module):
+    """Split the image into non-overlapping patches and project each to D dims (one strided conv)."""
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"img_size={img_size} is not a multiple of patch_size={patch_size}")
+        self.num_patches = (img_size // patch_size) ** 2
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        x = self.proj(x)                       # (B, C, H, W) -> (B, D, H/p, W/p)
+        return x.flatten(2).transpose(1, 2)    # (B, D, H/p, W/p) -> (B, N, D), patches p_1..p_N
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention, MSA in Eq. (2), (6), (9)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, attn_drop: float, fused: bool):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim={dim} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.attn_drop = attn_drop
+        self.fused_attn = fused
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim)  # (B, T, 3D) -> (B, T, 3, h, d)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                     # each (B, h, T, d)
+        p = self.attn_drop if self.training else 0.0
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        else:
+            ## Written out for teaching; the test suite checks it agrees with the fused kernel.
+            attn = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)    # (B, h, T, T)
+            attn = F.dropout(attn.softmax(dim=-1), p)
+            x = attn @ v                                                   # (B, h, T, d)
+        x = x.transpose(1, 2).reshape(B, T, D)                             # (B, h, T, d) -> (B, T, D)
+        return self.proj(x)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch of a sample with probability p."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)
+        return x * keep / (1.0 - self.p)
+
+
+class Block(nn.Module):
+    """One transformer layer l. `pe` is the layer-wise PE LN'_l(.) this layer adds (None: no PE here).
+
+    family 'deit' (pre-norm, Eq. 2-3):    x' = x + MSA(LN_l(x) [+ pe]);  x_{l+1} = x' + MLP(LN''_l(x'))
+    family 'cct'  (Compact-Transformers): x' = LN''_l(x + MSA(LN_l(x) [+ pe]));  x_{l+1} = x' + MLP(x')
+    """
+
+    def __init__(self, cfg: ViTConfig, drop_path: float, has_pe_norm: bool):
+        super().__init__()
+        D = cfg.embed_dim
+        self.post_norm_residual = cfg.family == "cct"
+        self.norm1 = nn.LayerNorm(D, eps=cfg.norm_eps)            # LN_l (CCT's `pre_norm`)
+        self.attn = Attention(D, cfg.num_heads, cfg.qkv_bias, cfg.attn_drop_rate, cfg.fused_attn)
+        self.norm2 = nn.LayerNorm(D, eps=cfg.norm_eps)            # LN''_l (CCT's `norm1`)
+        self.mlp = Mlp(D, int(D * cfg.mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+        ## LN'_l: this layer's OWN norm for the PE (LaPE's `pe_norm`); its output is also handed on to the
+        ## next layer (Eq. 7/10), but the chain is computed once per forward in VisionTransformer.layer_pes.
+        self.pe_norm = nn.LayerNorm(D, eps=cfg.norm_eps) if has_pe_norm else None
+
+    def forward(self, x, pe=None):
+        h = self.norm1(x)                                          # LN_l(x_l)
+        if pe is not None:
+            h = h + pe                                             # Eq. (6)/(9): LN_l(x_l) + LN'_l(pos); (1,T,D) broadcast
+        x = x + self.drop_path(self.attn(h))                       # Eq. (2)
+        if self.post_norm_residual:
+            ## CCT's layer normalizes the residual stream itself and has no LN before the MLP.
+            x = self.norm2(x)
+            return x + self.drop_path(self.mlp(x))
+        return x + self.drop_path(self.mlp(self.norm2(x)))         # Eq. (3)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------------
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        if cfg.family not in FAMILIES:
+            raise ValueError(f"family={cfg.family!r} is unknown; valid: {', '.join(map(repr, FAMILIES))}")
+        cfg.pe.validate(cfg.depth)
+        self.cfg = cfg
+        pe, D, L = cfg.pe, cfg.embed_dim, cfg.depth
+
+        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, D)
+        N = self.patch_embed.num_patches
+        self.num_tokens = N + (pe.pool == "cls")                   # T: the class token takes a row of the PE too
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if pe.pool == "cls" else None
+        uses_pos = pe.pe_at_input or pe.layerwise_from is not None or pe.last_ln_pe is not None
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, D)) if uses_pos else None
+
+        dpr = torch.linspace(0, cfg.drop_path_rate, L).tolist()    # stochastic depth grows linearly with depth
+        first = L if pe.layerwise_from is None else pe.layerwise_from
+        self.blocks = nn.ModuleList(Block(cfg, dpr[l], has_pe_norm=l >= first) for l in range(L))
+        self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)              # the Last LN, Eq. (4)
+        self.pe_norm = nn.LayerNorm(D, eps=cfg.norm_eps) if pe.last_ln_pe is not None else None  # LN' of Eq. (11)
+        self.head = nn.Linear(D, cfg.num_classes)
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self):
+        cct = self.cfg.family == "cct"
+        if self.pos_embed is not None:
+            nn.init.trunc_normal_(self.pos_embed, std=0.2 if cct else 0.02)
+        if self.cls_token is not None and not cct:                 # CCT's class token starts at zero
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if cct:                                                    # CCT's Tokenizer; DeiT keeps torch's conv init
+            nn.init.kaiming_normal_(self.patch_embed.proj.weight)
+
+    def layer_pes(self) -> list[torch.Tensor | None]:
+        """The PE each layer adds to its MSA input, Eq. (7)/(10), computed once on the (1, T, D) table.
+
+        Returns a list of length depth; entry l is LN'_l(previous PE) of shape (1, T, D), or None.
+        This is N*D work per forward, not B*N*D: the chain never sees the batch.
+        """
+        pe, pos = self.cfg.pe, self.pos_embed
+        pes: list[torch.Tensor | None] = [None] * self.cfg.depth
+        if pe.layerwise_from is None:
+            return pes
+        prev = pos                                                  # pos_0 = pos
+        for l in range(pe.layerwise_from, self.cfg.depth):
+            src = prev if pe.hierarchical else pos
+            pes[l] = prev = self.blocks[l].pe_norm(src)             # Eq. (7)/(10): pos_l = LN'_l(pos_{l-1})
+        return pes
+
+    def forward_features(self, x):
+        pe = self.cfg.pe
+        x = self.patch_embed(x)                                     # (B, 3, H, W) -> (B, N, D)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, N, D) -> (B, 1+N, D)
+        if pe.pe_at_input:
+            x = x + self.pos_embed                                  # Eq. (1)/(8); LaPE skips it, Eq. (5)
+        pes = self.layer_pes()
+        for block, pe_l in zip(self.blocks, pes):
+            x = block(x, pe_l)                                      # Eq. (2)-(3), (6), (9)
+        y = self.norm(x)                                            # Eq. (4): the Last LN
+        if pe.last_ln_pe is not None:
+            pos_k = self.pos_embed if pe.last_ln_pe == 0 else pes[pe.last_ln_pe]
+            y = y + self.pe_norm(pos_k)                             # Eq. (11): y = LN(x_{L+1}) + LN'(pos_0)
+        return y
+
+    def forward_head(self, y):
+        y = y[:, 0] if self.cfg.pe.pool == "cls" else y.mean(dim=1)  # class token, or GAP over the tokens
+        ## deviation: timm's GAP ViTs pool first and normalize after (fc_norm); the paper (Eq. 11) normalizes
+        ## each token at the Last LN and then averages, which is what this does.
+        return self.head(y)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+    def no_weight_decay(self) -> set[str]:
+        """timm/DeiT convention: parameters the DeiT recipe does not decay (besides 1-D ones and biases)."""
+        return {name for name in ("pos_embed", "cls_token") if getattr(self, name) is not None}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Factory
+# ----------------------------------------------------------------------------------------------------
+
+_ARCH_FIELDS = tuple(f.name for f in dataclasses.fields(ViTConfig) if f.name != "pe")
+
+
+def create_model(name: str, pe: str | PEConfig = "mpvg", num_classes: int | None = None,
+                 **overrides) -> VisionTransformer:
+    """Build `name` with the PE scheme `pe` (a preset name or a PEConfig).
+
+    overrides: any ViTConfig field (timm names: img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio,
+    qkv_bias, drop_path_rate, attn_drop_rate, ...) and any PE knob (pool, pe_at_input, layerwise_from,
+    hierarchical, last_ln_pe), which replaces that knob of the preset.
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODELS)}")
+    if isinstance(pe, str):
+        if pe not in PE_PRESETS:
+            raise ValueError(f"unknown pe {pe!r}; valid: {', '.join(PE_PRESETS)}")
+        pe = PE_PRESETS[pe]
+    elif not isinstance(pe, PEConfig):
+        raise ValueError(f"pe={pe!r} must be a preset name ({', '.join(PE_PRESETS)}) or a PEConfig")
+    unknown = sorted(set(overrides) - set(_ARCH_FIELDS) - set(PE_KNOBS))
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(map(repr, unknown))} for create_model; valid: "
+                         f"{', '.join(_ARCH_FIELDS + PE_KNOBS)}")
+    pe = dataclasses.replace(pe, **{k: v for k, v in overrides.items() if k in PE_KNOBS})
+    arch = {**MODELS[name], **{k: v for k, v in overrides.items() if k in _ARCH_FIELDS}}
+    if num_classes is not None:
+        arch["num_classes"] = num_classes
+    return VisionTransformer(ViTConfig(**arch, pe=pe))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Probing for the paper's analysis (Fig. 2, Fig. 4), without touching forward
+# ----------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def probe(model: VisionTransformer, x) -> dict:
+    """Run `model` on x and return, per layer l, the token embedding after LN, LN_l(x_l), and the PE added there.
+
+    Returns {'tokens': [LN_l(x_l) (B, T, D)] * depth, 'pe': model.layer_pes() (entries (1, T, D) or None),
+             'last': LN(x_{L+1}) (B, T, D), before the Last-LN PE term, 'logits': (B, classes)}.
+    Implemented with forward hooks on the LayerNorms, so the forward pass is exactly the one used in training.
+    """
+    captured: dict[int, torch.Tensor] = {}
+    norms = [block.norm1 for block in model.blocks] + [model.norm]
+    hooks = [m.register_forward_hook(lambda m, i, o, k=k: captured.__setitem__(k, o.detach()))
+             for k, m in enumerate(norms)]
+    try:
+        logits = model(x)
+        pes = model.layer_pes()
+    finally:
+        for h in hooks:
+            h.remove()
+    L = len(model.blocks)
+    return {"tokens": [captured[l] for l in range(L)],
+            "pe": [None if p is None else p.detach() for p in pes],
+            "last": captured[L], "logits": logits}
+
+
+@torch.no_grad()
+def pe_token_correlation(model: VisionTransformer, x) -> list[float | None]:
+    """Per layer, the Pearson correlation between the token embedding after LN and the PE added in that layer.
+
+    Fig. 2 / Fig. 4 of the paper (reconstructed: the paper does not print the formula): the token embedding
+    LN_l(x_l) is averaged over the images of the batch, giving a (T, D) map like the paper's heatmaps, and
+    correlated over all T*D entries with that layer's PE. None for layers that add no PE.
+    """
+    out = probe(model, x)
+    corr: list[float | None] = []
+    for tokens, pe in zip(out["tokens"], out["pe"]):
+        if pe is None:
+            corr.append(None)
+            continue
+        a, b = tokens.mean(0).flatten().double(), pe[0].flatten().double()
+        a, b = a - a.mean(), b - b.mean()
+        corr.append(float((a @ b) / (a.norm() * b.norm())))
+    return corr
