@@ -132,6 +132,10 @@ def build_parser():
                    help='download CIFAR-100 when it is missing')
     g.add_argument('--synthetic-size', type=int, default=1024, help='train images of --data synthetic (val: 1/4)')
     g.add_argument('--workers', type=int, default=None, help='data loader processes per rank (default min(8, cpus))')
+    g.add_argument('--device-data', choices=['auto', 'on', 'off'], default='auto',
+                   help='keep the whole uint8 dataset on the device and augment whole batches there (the batched '
+                        'path) instead of per image in CPU workers; auto = on for cifar100 on CUDA. In-memory '
+                        'datasets only (cifar100, synthetic)')
     g = p.add_argument_group('recipe (default: the paper recipe of --model)')
     g.add_argument('--epochs', type=int, default=None, help='cosine epochs (300)')
     g.add_argument('--cooldown-epochs', type=int, default=None, help='epochs at min lr after the cosine (10 / 0)')
@@ -648,6 +652,283 @@ def soft_cross_entropy(logits, target):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# data on the device: CIFAR as one uint8 tensor, the recipe's augmentation on whole batches
+
+## ViT-Lite-7/4 costs ~1.5 GFLOP per training image, so one GPU trains on tens of thousands of CIFAR images per
+## second, while per-image augmentation in CPU workers delivers a few thousand. Here the whole split lives on the
+## device and each op of Transform runs once per batch with per-image random parameters (tensors of shape (B,)),
+## in the same order: RandomResizedCrop -> h-flip -> RandAugment -> normalize -> RandomErasing (MixUp/CutMix act
+## on batches in both paths). tests/test_train.py checks every batched op against the per-image op it replaces.
+
+def batched_grid_sample(x, u, v, bicubic, fill=None):
+    """Sample float images x (B, C, H, W) at continuous input points (u, v) (B, Ho, Wo) (pixel i covers
+    [i, i + 1)), bilinear or bicubic per image; neighbours at the border are clamped; a point outside the image
+    gets `fill` (C,) when given. Rounded back to 0..255, as the per-image ops do when they return uint8."""
+    B, C, H, W = x.shape
+    grid = torch.stack([2 * u / W - 1, 2 * v / H - 1], dim=-1)                           # (B, Ho, Wo, 2) in [-1, 1]
+    out = nnF.grid_sample(x, grid, mode='bilinear', padding_mode='border', align_corners=False)
+    if bicubic.any():
+        cubic = nnF.grid_sample(x, grid, mode='bicubic', padding_mode='border', align_corners=False)
+        out = torch.where(bicubic.view(-1, 1, 1, 1), cubic, out)
+    if fill is not None:
+        inside = (u >= 0) & (u < W) & (v >= 0) & (v < H)
+        out = torch.where(inside.unsqueeze(1), out, fill.view(1, -1, 1, 1))
+    return out.round_().clamp_(0, 255)
+
+
+def batched_pil_affine(x, M, bicubic, fill):
+    """pil_affine for a batch: M (B, 6) holds each image's PIL matrix (a, b, c, d, e, f)."""
+    B, C, H, W = x.shape
+    ys, xs = torch.meshgrid(torch.arange(H, device=x.device) + 0.5, torch.arange(W, device=x.device) + 0.5,
+                            indexing='ij')                                                 # (H, W) output centres
+    a, b, c, d, e, f = (m.view(B, 1, 1) for m in M.unbind(1))
+    return batched_grid_sample(x, a * xs + b * ys + c, d * xs + e * ys + f, bicubic, fill)  # (B, H, W) input points
+
+
+def batched_resized_crop(x, boxes, size, bicubic):
+    """F.resized_crop(img, top, left, h, w, [size, size]) for a batch; boxes (B, 4) = (top, left, h, w).
+    The output pixel centre u + 0.5 samples the input at left + (u + 0.5) w / size; clamping that point to the
+    box's outer pixel centres is exactly crop-then-resize for bilinear.
+    # deviation: bicubic here is grid_sample's kernel (a = -0.75), while the per-image antialiased resize uses
+    # PIL's (a = -0.5), a few levels apart; and the box's two outer rows/columns see pixels beyond its edge."""
+    top, left, h, w = (t.to(x.dtype).view(-1, 1, 1) for t in boxes.unbind(1))
+    r = torch.arange(size, device=x.device, dtype=x.dtype) + 0.5
+    u = (left + r.view(1, 1, -1) * w / size).clamp(left + 0.5, left + w - 0.5).expand(-1, size, size)
+    v = (top + r.view(1, -1, 1) * h / size).clamp(top + 0.5, top + h - 0.5).expand(-1, size, size)
+    return batched_grid_sample(x, u, v, bicubic)
+
+
+def sample_boxes(n, height, width, scale, ratio, gen, fits):
+    """torchvision's RandomResizedCrop / RandomErasing get_params for n images at once: 10 tries of an area
+    fraction ~ U(scale) and a log-uniform aspect ratio, the first try that `fits` wins; (n, 4) = (top, left, h, w)
+    and a (n,) bool 'a try fitted'. The position is uniform over the places where the box fits."""
+    dev = gen.device
+    area = height * width * torch.empty(n, 10, device=dev).uniform_(*scale, generator=gen)
+    ratio_ = torch.exp(torch.empty(n, 10, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=gen))
+    hw = (torch.round(torch.sqrt(area / ratio_)), torch.round(torch.sqrt(area * ratio_)))
+    ok = fits(*hw)                                                                        # (n, 10)
+    first = ok.to(torch.uint8).argmax(1, keepdim=True)                                    # first fitting try
+    h, w = (t.gather(1, first).squeeze(1) for t in hw)
+    top = torch.floor(torch.rand(n, device=dev, generator=gen) * (height - h + 1))
+    left = torch.floor(torch.rand(n, device=dev, generator=gen) * (width - w + 1))
+    return torch.stack([top, left, h, w], 1).long(), ok.any(1)
+
+
+def batched_rrc_boxes(n, height, width, scale, gen):
+    """RandomResizedCrop boxes; when no try fits, torchvision's fallback: the centre crop, ratio clamped to
+    (3/4, 4/3) (for a square image: the whole image)."""
+    boxes, ok = sample_boxes(n, height, width, scale, (3 / 4, 4 / 3), gen,
+                             lambda h, w: (w > 0) & (w <= width) & (h > 0) & (h <= height))
+    side = min(height, width)  # deviation: the fallback assumes an image with aspect ratio within (3/4, 4/3)
+    whole = boxes.new_tensor([(height - side) // 2, (width - side) // 2, side, side])
+    return torch.where(ok.view(-1, 1), boxes, whole)
+
+
+def batched_erasing_boxes(n, height, width, prob, gen):
+    """RandomErasing(p, scale (0.02, 1/3), ratio (0.3, 1/0.3)) boxes; h = w = 0 where nothing is erased."""
+    boxes, ok = sample_boxes(n, height, width, (0.02, 1 / 3), (0.3, 1 / 0.3), gen,
+                             lambda h, w: (h < height) & (w < width))
+    erase = ok & (torch.rand(n, device=gen.device, generator=gen) < prob)
+    return boxes * erase.view(-1, 1)
+
+
+def batched_erase(x, boxes, noise):
+    """F.erase(img, top, left, h, w, noise) for a batch: box (top, left, h, w) of each image gets `noise`."""
+    top, left, h, w = (t.view(-1, 1, 1) for t in boxes.unbind(1))
+    rows = torch.arange(x.shape[-2], device=x.device).view(1, -1, 1)
+    cols = torch.arange(x.shape[-1], device=x.device).view(1, 1, -1)
+    inside = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)         # (B, H, W)
+    return torch.where(inside.unsqueeze(1), noise, x)
+
+
+def _gray(x):
+    """torchvision's rgb_to_grayscale of uint8 images, floored: (B, 3, H, W) -> (B, 1, H, W)."""
+    r, g, b = x.unbind(1)
+    return (0.2989 * r + 0.587 * g + 0.114 * b).floor_().unsqueeze(1)
+
+
+def _blend(x, other, factor):
+    """torchvision's _blend for uint8 images with a per-image factor (B, 1, 1, 1); .to(uint8) truncates."""
+    return (x * factor + other * (1 - factor)).clamp_(0, 255).trunc_()
+
+
+def _sharpness(x, factor):
+    """torchvision's adjust_sharpness: blend with a 3x3 smoothing (1s around a 5, / 13); border pixels kept."""
+    C = x.shape[1]
+    kernel = x.new_tensor([[1, 1, 1], [1, 5, 1], [1, 1, 1]]) / 13
+    blurred = nnF.conv2d(x, kernel.expand(C, 1, 3, 3), groups=C).round_()                 # (B, C, H-2, W-2)
+    out = x.clone()
+    inner = out[..., 1:-1, 1:-1]
+    inner.copy_((inner * factor + blurred * (1 - factor)).clamp_(0, 255).trunc_())
+    return out
+
+
+def _autocontrast(x):
+    """torchvision's autocontrast: stretch each channel of each image to 0..255."""
+    lo, hi = x.amin(dim=(-2, -1), keepdim=True), x.amax(dim=(-2, -1), keepdim=True)
+    flat = hi == lo
+    scale = torch.where(flat, 1.0, (hi - lo) * (1.0 / 255))
+    return ((x - torch.where(flat, 0.0, lo)) / scale).clamp_(0, 255).trunc_()
+
+
+## one batched function per op of ra_apply: (images (b, 3, H, W), op argument (b, 1, 1, 1)) -> images
+BATCHED_COLOR_OPS = {
+    'AutoContrast': lambda x, a: _autocontrast(x),
+    'Equalize': lambda x, a: F.equalize(x.to(torch.uint8)).to(x.dtype),  # torchvision's already works per image
+    'Invert': lambda x, a: 255 - x,
+    'PosterizeIncreasing': lambda x, a: torch.floor(x / 2 ** (8 - a)) * 2 ** (8 - a),   # keep the top `a` bits
+    'SolarizeIncreasing': lambda x, a: torch.where(x >= a, 255 - x, x),
+    'SolarizeAdd': lambda x, a: torch.where(x < 128, (x + a).clamp(max=255), x),
+    'ColorIncreasing': lambda x, a: _blend(x, _gray(x), a),
+    'ContrastIncreasing': lambda x, a: _blend(x, _gray(x).mean(dim=(-3, -2, -1), keepdim=True), a),
+    'BrightnessIncreasing': lambda x, a: _blend(x, torch.zeros_like(x), a),
+    'SharpnessIncreasing': _sharpness,
+}
+
+
+def batched_level_to_arg(op, magnitude, sign):
+    """ra_level_to_arg for per-image tensors (B,): op index into RA_OPS, magnitude in [0, 10], sign +-1."""
+    level, k = magnitude / 10.0, {name: i for i, name in enumerate(RA_OPS)}
+    cases = [(('Rotate',), sign * 30.0 * level),
+             (('ShearX', 'ShearY'), sign * 0.3 * level),
+             (('TranslateXRel', 'TranslateYRel'), sign * 0.45 * level),
+             (('ColorIncreasing', 'ContrastIncreasing', 'BrightnessIncreasing', 'SharpnessIncreasing'),
+              (1.0 + sign * 0.9 * level).clamp(min=0.1)),
+             (('PosterizeIncreasing',), 4 - torch.floor(4 * level)),
+             (('SolarizeIncreasing',), 256 - torch.floor(256 * level).clamp(max=256)),
+             (('SolarizeAdd',), torch.floor(110 * level).clamp(max=128))]
+    arg = torch.zeros_like(level)
+    for names, value in cases:
+        arg = torch.where(torch.isin(op, torch.tensor([k[n] for n in names])), value, arg)
+    return arg
+
+
+def batched_pil_matrices(op, arg, H, W):
+    """(B, 6) PIL matrices (a, b, c, d, e, f) of the geometric ops, as in ra_apply, for per-image op indices
+    `op` and arguments `arg` (B,); identity for the other ops."""
+    k = {name: i for i, name in enumerate(RA_OPS)}
+    one, zero = torch.ones_like(arg), torch.zeros_like(arg)
+    t = -torch.deg2rad(arg)
+    cos, sin, cx, cy = torch.cos(t), torch.sin(t), W / 2.0, H / 2.0
+    cases = {'Rotate': (cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy),  # pil_rotate_matrix
+             'ShearX': (one, arg, zero, zero, one, zero), 'ShearY': (one, zero, zero, arg, one, zero),
+             'TranslateXRel': (one, zero, arg * W, zero, one, zero),
+             'TranslateYRel': (one, zero, zero, zero, one, arg * H)}
+    M = torch.stack((one, zero, zero, zero, one, zero), 1)
+    for name, row in cases.items():
+        M = torch.where((op == k[name]).view(-1, 1), torch.stack(row, 1), M)
+    return M
+
+
+GEOMETRIC_OPS = ('Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel')
+
+
+def batched_randaugment_op(x, op, arg, bicubic, fill):
+    """ra_apply for a batch on any device: image i gets op RA_OPS[op[i]] (-1: none) with argument arg[i].
+    op, arg, bicubic: (B,) CPU tensors (the draws), so grouping the images by op needs no device sync;
+    each op runs once, on the images that drew it."""
+    out = x.clone()
+    geo = torch.isin(op, torch.tensor([RA_OPS.index(n) for n in GEOMETRIC_OPS])).nonzero().squeeze(1)
+    if geo.numel():
+        M = batched_pil_matrices(op[geo], arg[geo], *x.shape[-2:])
+        i = geo.to(x.device, non_blocking=True)
+        out[i] = batched_pil_affine(x[i], M.to(x.device, non_blocking=True),
+                                    bicubic[geo].to(x.device, non_blocking=True), fill)
+    for name, fn in BATCHED_COLOR_OPS.items():
+        sel = (op == RA_OPS.index(name)).nonzero().squeeze(1)
+        if sel.numel():
+            i = sel.to(x.device, non_blocking=True)
+            out[i] = fn(x[i], arg[sel].view(-1, 1, 1, 1).to(x.device, non_blocking=True))
+    return out
+
+
+class BatchedTransform:
+    """Transform(train=True) for whole uint8 batches (B, 3, H, W) on any device: the same ops, order and
+    distributions, each image with its own draws. The draws come from the CPU generator `gen` (a few hundred
+    numbers per batch, and no device sync to group images by op); the erasing noise from `noise_gen`, a
+    generator on the batch's device."""
+
+    def __init__(self, transform, cfg):
+        self.t = transform  # the per-image Transform: img_size, mean/std and which ops are on
+        self.crop_scale = cfg['rrc_scale'] if transform.rrc else None
+        self.bicubic_p = {'random': 0.5, 'bicubic': 1.0}.get(cfg['interpolation'], 0.0)  # Transform.rrc's modes
+        self.hflip = cfg['hflip'] if transform.flip else 0.0
+        self.reprob = cfg['reprob'] if transform.erase else 0.0
+        if transform.ra:  # RandAugment's geometric ops pick one of its interpolations at random
+            modes = transform.ra.interpolations
+            self.ra_bicubic_p = sum(m == InterpolationMode.BICUBIC for m in modes) / len(modes)
+
+    def draw_randaug(self, B, gen):
+        """RandAugment's draws for B images, one (op, arg, bicubic) triple of (B,) tensors per op slot:
+        op uniform over RA_OPS with replacement, -1 (skipped) with prob 1 - p; magnitude ~ N(m, std) clipped
+        to [0, 10]; random sign; the interpolation of the geometric ops at random from RandAugment's."""
+        ra, draws = self.t.ra, []
+        for _ in range(ra.num_ops):
+            op = torch.randint(len(RA_OPS), (B,), generator=gen)
+            op = torch.where(torch.rand(B, generator=gen) <= ra.prob, op, -1)
+            m = (ra.magnitude + ra.magnitude_std * torch.randn(B, generator=gen)).clamp(0, 10)
+            sign = torch.where(torch.rand(B, generator=gen) > 0.5, -1.0, 1.0)
+            bicubic = torch.rand(B, generator=gen) < self.ra_bicubic_p
+            draws.append((op, batched_level_to_arg(op, m, sign), bicubic))
+        return draws
+
+    def __call__(self, img, gen, noise_gen):
+        B, dev = img.shape[0], img.device
+        rand = lambda: torch.rand(B, generator=gen)
+        to_dev = lambda t: t.to(dev, non_blocking=True)
+        x = img.float()
+        if self.crop_scale is not None:
+            boxes = batched_rrc_boxes(B, *x.shape[-2:], self.crop_scale, gen)
+            x = batched_resized_crop(x, to_dev(boxes), self.t.img_size, to_dev(rand() < self.bicubic_p))
+        elif tuple(x.shape[-2:]) != (self.t.img_size,) * 2:
+            x = self.t.geometry(x.to(torch.uint8)).float()
+        if self.hflip > 0:
+            x = torch.where(to_dev(rand() < self.hflip).view(-1, 1, 1, 1), x.flip(-1), x)
+        if self.t.ra:
+            fill = torch.tensor(self.t.ra.fill, device=dev)
+            for op, arg, bicubic in self.draw_randaug(B, gen):
+                x = batched_randaugment_op(x, op, arg, bicubic, fill)
+        mean, std = (torch.tensor(v, device=dev).view(1, -1, 1, 1) for v in (self.t.mean, self.t.std))
+        x = (x / 255.0 - mean) / std                                                    # F.normalize
+        if self.reprob > 0:
+            boxes = batched_erasing_boxes(B, *x.shape[-2:], self.reprob, gen)
+            x = batched_erase(x, to_dev(boxes), torch.randn(x.shape, device=dev, generator=noise_gen))
+        return x
+
+
+class DeviceBatches:
+    """This rank's batches straight from uint8 images held on the device.
+    Train (sampler given): the EpochSampler's indices, i.e. the same shard of the same per-epoch permutation as
+    the per-image path, augmented by BatchedTransform with generators seeded by (seed, epoch, step, rank).
+    Eval (indices given): the eval geometry and normalization only."""
+
+    def __init__(self, dataset, device, batch_size, transform, cfg, sampler=None, indices=None):
+        self.images = dataset.images.to(device)                                         # (n, 3, H, W) uint8
+        self.labels = dataset.labels.to(device)
+        self.b, self.t, self.cfg, self.sampler = batch_size, transform, cfg, sampler
+        self.batched = BatchedTransform(transform, cfg) if sampler is not None else None
+        self.indices = None if indices is None else torch.tensor(indices, dtype=torch.long)
+        self.gen, self.noise_gen = torch.Generator(), torch.Generator(device)
+
+    def __iter__(self):
+        dev = self.images.device
+        if self.sampler is None:  # eval
+            for i in self.indices.split(self.b):
+                i = i.to(dev, non_blocking=True)
+                x = self.t.geometry(self.images[i])
+                yield F.normalize(x.float() / 255.0, self.t.mean, self.t.std), self.labels[i]
+            return
+        s = self.sampler
+        idx = torch.tensor([i for i, _ in s.keys()], dtype=torch.long).view(s.steps, s.b)  # (steps, b)
+        for step in range(s.start_step, s.steps):
+            seed = derive_seed(self.cfg['seed'], s.epoch, step, s.rank, 'device-aug')
+            self.gen.manual_seed(seed)
+            self.noise_gen.manual_seed(seed)
+            i = idx[step].to(dev, non_blocking=True)
+            yield self.batched(self.images[i], self.gen, self.noise_gen), self.labels[i]
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # schedule / optimizer
 
 def lr_at(epoch, cfg):
@@ -926,10 +1207,21 @@ def run(args):
     info = DATASETS[cfg['data']]
     folder = cfg['data'] == 'imagenet'
     workers = cfg['workers'] if cfg['workers'] is not None else min(8, os.cpu_count() or 1)
-    val_ds = Augmented(val_set, Transform(cfg, img_size, info['mean'], info['std'], train=False, folder=folder))
-    val_keys = [(i, 0) for i in eval_indices(len(val_set), world, rank)]
-    loaders = dict(val=make_loader(val_ds, val_keys, cfg['per_process_batch_size'], workers, device))
     sampler = EpochSampler(len(train_set), cfg, rank, world)
+    if cfg['device_data'] == 'on' and not isinstance(train_set, TensorImages):
+        raise UserError(f'--device-data on needs an in-memory dataset (cifar100, synthetic); --data {cfg["data"]} '
+                        f'is read from image files. Use --device-data off (or auto).')
+    on_device = cfg['device_data'] == 'on' or (cfg['device_data'] == 'auto' and device.type == 'cuda'
+                                               and cfg['data'] == 'cifar100')
+    cfg['device_data_resolved'] = on_device
+    val_tf = Transform(cfg, img_size, info['mean'], info['std'], train=False, folder=folder)
+    val_indices = eval_indices(len(val_set), world, rank)
+    if on_device:
+        val_loader = DeviceBatches(val_set, device, cfg['per_process_batch_size'], val_tf, cfg, indices=val_indices)
+    else:
+        val_loader = make_loader(Augmented(val_set, val_tf), [(i, 0) for i in val_indices],
+                                 cfg['per_process_batch_size'], workers, device)
+    loaders = dict(val=val_loader)
     cfg['steps_per_epoch'] = sampler.steps
     cfg['train_size'], cfg['val_size'] = len(train_set), len(val_set)
     if sampler.steps == 0 and not args.eval_only:
@@ -984,9 +1276,13 @@ def run(args):
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[local_rank] if device.type == 'cuda' else None)
-    loaders['train'] = make_loader(Augmented(train_set, Transform(cfg, img_size, info['mean'], info['std'],
-                                                                  train=True, folder=folder)),
-                                   sampler, cfg['per_process_batch_size'], workers, device)
+    train_tf = Transform(cfg, img_size, info['mean'], info['std'], train=True, folder=folder)
+    if on_device:
+        loaders['train'] = DeviceBatches(train_set, device, cfg['per_process_batch_size'], train_tf, cfg,
+                                         sampler=sampler)
+    else:
+        loaders['train'] = make_loader(Augmented(train_set, train_tf), sampler, cfg['per_process_batch_size'],
+                                       workers, device)
     state = train(cfg, raw_model, model, optimizer, loaders, sampler, state, device, rank, world, autocast)
     if rank == 0:
         print(json.dumps(dict(summary=True, best_top1=round(state['best_top1'], 4), best_epoch=state['best_epoch'],
