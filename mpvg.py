@@ -157,7 +157,11 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x):
         x = self.proj(x)                       # (B, C, H, W) -> (B, D, H/p, W/p)
-        return x.flatten(2).transpose(1, 2)    # (B, D, H/p, W/p) -> (B, N, D), patches p_1..p_N
+        x = x.flatten(2).transpose(1, 2)       # (B, D, H/p, W/p) -> (B, N, D), patches p_1..p_N
+        ## The transpose is only a view: without a class token to concatenate, the residual stream would keep
+        ## this (B, D, N) memory layout through every block, and every LayerNorm would copy it (forward and
+        ## backward). One copy here instead; the values are the same.
+        return x.contiguous()
 
 
 class Attention(nn.Module):
@@ -211,8 +215,8 @@ class DropPath(nn.Module):
     def forward(self, x):
         if self.p == 0.0 or not self.training:
             return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)
-        return x * keep / (1.0 - self.p)
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)  # (B, 1, 1), 0 or 1
+        return x * keep.div_(1.0 - self.p)   # scale the (B, 1, 1) mask, not x: one pass over x (as timm)
 
 
 class Block(nn.Module):
@@ -267,7 +271,7 @@ class VisionTransformer(nn.Module):
         uses_pos = pe.pe_at_input or pe.layerwise_from is not None or pe.last_ln_pe is not None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, D)) if uses_pos else None
 
-        dpr = torch.linspace(0, cfg.drop_path_rate, L).tolist()    # stochastic depth grows linearly with depth
+        dpr = [cfg.drop_path_rate * l / max(L - 1, 1) for l in range(L)]  # stochastic depth, linear in depth
         first = L if pe.layerwise_from is None else pe.layerwise_from
         self.blocks = nn.ModuleList(Block(cfg, dpr[l], has_pe_norm=l >= first) for l in range(L))
         self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)              # the Last LN, Eq. (4)
