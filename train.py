@@ -106,7 +106,6 @@ def build_parser():
                'written with its position in the epoch, and the run exits 0; --resume auto skips the finished '
                'steps and continues exactly.',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
     g = p.add_argument_group('model')
     g.add_argument('--model', default='vit_lite_7_4', choices=sorted(mpvg.MODELS))
     g.add_argument('--pe', default='mpvg', choices=sorted(mpvg.PE_PRESETS), help='PE variant preset')

@@ -20,14 +20,6 @@ import train  # noqa: E402
 FILL = (129, 124, 112)  # timm's img_mean of CIFAR-100
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def images(n=12, h=32, w=32, seed=0):
     """Smooth random uint8 images (a blurred noise field), so interpolation differences stay small and visible."""
     g = torch.Generator().manual_seed(seed)

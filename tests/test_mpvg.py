@@ -41,16 +41,6 @@ if str(REPO) not in sys.path:
 import mpvg  # noqa: E402
 
 
-
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Tiny models run fastest on one thread (several threads spin against each other on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The facts from PAPER.md, written down independently of mpvg.py
 # ---------------------------------------------------------------------------------------------------------------

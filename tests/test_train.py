@@ -26,15 +26,6 @@ SYN = ['--data', 'synthetic'] + TINY
 TIMING = ('img_per_s', 'epoch_time_s')
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    ## tiny models: thread start-up costs more than it saves on a 2-core machine; subprocesses get OMP_NUM_THREADS=1
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def run_main(argv):
     """train.main in this process -> exit code."""
     with pytest.raises(SystemExit) as e:
