@@ -252,7 +252,6 @@ def data_pipeline(args, device: torch.device, amp_dtype) -> str:
         data_s = timed(lambda k: [next(it) for _ in range(k)], data_steps, device)
         train_s = timed(lambda k: [step(*next(it)) for _ in range(k)], steps, device)
         rows.append((name, data_steps * B / data_s, steps * B / train_s))
-        del it
     base = rows[0][2]
     lines = [f"{hardware_line(device)}; {'bf16' if amp_dtype else 'fp32'}",
              f"command: `{args.command}`", "",
@@ -364,8 +363,10 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", nargs="+", default=[], metavar="[MODEL=]B",
                    help="images per step: one number for all models, or MODEL=B entries "
                         "(default CPU: vit_lite 64, deit 16; CUDA: 256 / 128)")
-    p.add_argument("--steps", type=int, default=None, help="steps per timed round (default CUDA 20, CPU 3)")
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds; the table shows the median")
+    p.add_argument("--steps", type=int, default=None, help="steps per timed round (default CUDA 20, CPU 1)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed rounds; the table shows the median (default CUDA 5, CPU 30: a noisy CPU needs many "
+                        "short rounds, so that each ratio compares configurations timed moments apart)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per config first (default CUDA 10, CPU 2)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--mem", choices=["on", "off"], default="on", help="measure peak memory (default on)")
@@ -384,8 +385,8 @@ def parse_args(argv=None):
         p.error("--device cuda but torch.cuda.is_available() is False")
     args.amp = args.amp or ("bf16" if cuda else "off")
     args.compile = args.compile or ("off" if args.quick or not cuda else "both")
-    args.steps = args.steps or (1 if args.quick else 20 if cuda else 3)
-    args.repeats = 1 if args.quick else args.repeats
+    args.steps = args.steps or (1 if args.quick else 20 if cuda else 1)
+    args.repeats = 1 if args.quick else args.repeats or (5 if cuda else 30)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 10 if cuda else 2)
     args.mem = args.mem == "on"
     sizes = {}
