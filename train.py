@@ -561,13 +561,18 @@ class EpochSampler(torch.utils.data.Sampler):
             return ra_num_selected(self.n, self.world) // self.b
         return self.n // self.B
 
-    def keys(self):
+    def indices(self):
+        """This rank's sample indices for the epoch, steps * per-process batch of them."""
         if self.repeated:
             idx = ra_indices(self.n, self.world, self.rank, derive_seed(self.seed, self.epoch))
-            idx = idx[:self.steps * self.b]
+            return idx[:self.steps * self.b]
+        return train_indices(self.n, self.B, self.world, self.rank, derive_seed(self.seed, self.epoch))
+
+    def keys(self):
+        idx = self.indices()
+        if self.repeated:
             ## a copy of an image on another rank must get other augmentations: the rank enters the seed
             return [(int(i), derive_seed(self.seed, self.epoch, self.rank, p)) for p, i in enumerate(idx)]
-        idx = train_indices(self.n, self.B, self.world, self.rank, derive_seed(self.seed, self.epoch))
         keys = []
         for p, i in enumerate(idx):
             s, j = divmod(p, self.b)
@@ -918,7 +923,7 @@ class DeviceBatches:
                 yield F.normalize(x.float() / 255.0, self.t.mean, self.t.std), self.labels[i]
             return
         s = self.sampler
-        idx = torch.tensor([i for i, _ in s.keys()], dtype=torch.long).view(s.steps, s.b)  # (steps, b)
+        idx = torch.tensor(s.indices(), dtype=torch.long).view(s.steps, s.b)               # (steps, b)
         for step in range(s.start_step, s.steps):
             seed = derive_seed(self.cfg['seed'], s.epoch, step, s.rank, 'device-aug')
             self.gen.manual_seed(seed)
