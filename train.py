@@ -662,18 +662,27 @@ def soft_cross_entropy(logits, target):
 ## second, while per-image augmentation in CPU workers delivers a few thousand. Here the whole split lives on the
 ## device and each op of Transform runs once per batch with per-image random parameters (tensors of shape (B,)),
 ## in the same order: RandomResizedCrop -> h-flip -> RandAugment -> normalize -> RandomErasing (MixUp/CutMix act
-## on batches in both paths). tests/test_train.py checks every batched op against the per-image op it replaces.
+## on batches in both paths). tests/test_device_data.py checks every batched op against the per-image op it
+## replaces. The random draws are made on the CPU (a few hundred numbers per batch), so grouping the images by op
+## never waits for the GPU; they reach the device through pinned memory, which keeps the copies asynchronous.
+
+def to_device(t, device):
+    """A small CPU tensor to `device` without stalling the GPU: a copy from pageable memory may wait for the
+    stream to drain, a copy from pinned memory does not."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == 'cuda' else t.to(device)
+
 
 def batched_grid_sample(x, u, v, bicubic, fill=None):
     """Sample float images x (B, C, H, W) at continuous input points (u, v) (B, Ho, Wo) (pixel i covers
     [i, i + 1)), bilinear or bicubic per image; neighbours at the border are clamped; a point outside the image
-    gets `fill` (C,) when given. Rounded back to 0..255, as the per-image ops do when they return uint8."""
+    gets `fill` (C,) when given. Rounded back to 0..255, as the per-image ops do when they return uint8.
+    bicubic: (B,) bool on the CPU (deciding whether to run bicubic at all must not wait for the device)."""
     B, C, H, W = x.shape
     grid = torch.stack([2 * u / W - 1, 2 * v / H - 1], dim=-1)                           # (B, Ho, Wo, 2) in [-1, 1]
     out = nnF.grid_sample(x, grid, mode='bilinear', padding_mode='border', align_corners=False)
     if bicubic.any():
         cubic = nnF.grid_sample(x, grid, mode='bicubic', padding_mode='border', align_corners=False)
-        out = torch.where(bicubic.view(-1, 1, 1, 1), cubic, out)
+        out = torch.where(to_device(bicubic, x.device).view(-1, 1, 1, 1), cubic, out)
     if fill is not None:
         inside = (u >= 0) & (u < W) & (v >= 0) & (v < H)
         out = torch.where(inside.unsqueeze(1), out, fill.view(1, -1, 1, 1))
@@ -835,14 +844,13 @@ def batched_randaugment_op(x, op, arg, bicubic, fill):
     geo = torch.isin(op, torch.tensor([RA_OPS.index(n) for n in GEOMETRIC_OPS])).nonzero().squeeze(1)
     if geo.numel():
         M = batched_pil_matrices(op[geo], arg[geo], *x.shape[-2:])
-        i = geo.to(x.device, non_blocking=True)
-        out[i] = batched_pil_affine(x[i], M.to(x.device, non_blocking=True),
-                                    bicubic[geo].to(x.device, non_blocking=True), fill)
+        i = to_device(geo, x.device)
+        out[i] = batched_pil_affine(x[i], to_device(M, x.device), bicubic[geo], fill)
     for name, fn in BATCHED_COLOR_OPS.items():
         sel = (op == RA_OPS.index(name)).nonzero().squeeze(1)
         if sel.numel():
-            i = sel.to(x.device, non_blocking=True)
-            out[i] = fn(x[i], arg[sel].view(-1, 1, 1, 1).to(x.device, non_blocking=True))
+            i = to_device(sel, x.device)
+            out[i] = fn(x[i], to_device(arg[sel].view(-1, 1, 1, 1), x.device))
     return out
 
 
@@ -858,6 +866,8 @@ class BatchedTransform:
         self.bicubic_p = {'random': 0.5, 'bicubic': 1.0}.get(cfg['interpolation'], 0.0)  # Transform.rrc's modes
         self.hflip = cfg['hflip'] if transform.flip else 0.0
         self.reprob = cfg['reprob'] if transform.erase else 0.0
+        self.mean, self.std = (torch.tensor(v).view(1, -1, 1, 1) for v in (transform.mean, transform.std))
+        self.fill = torch.tensor(transform.ra.fill) if transform.ra else None
         if transform.ra:  # RandAugment's geometric ops pick one of its interpolations at random
             modes = transform.ra.interpolations
             self.ra_bicubic_p = sum(m == InterpolationMode.BICUBIC for m in modes) / len(modes)
@@ -879,21 +889,20 @@ class BatchedTransform:
     def __call__(self, img, gen, noise_gen):
         B, dev = img.shape[0], img.device
         rand = lambda: torch.rand(B, generator=gen)
-        to_dev = lambda t: t.to(dev, non_blocking=True)
+        to_dev = lambda t: to_device(t, dev)
         x = img.float()
         if self.crop_scale is not None:
             boxes = batched_rrc_boxes(B, *x.shape[-2:], self.crop_scale, gen)
-            x = batched_resized_crop(x, to_dev(boxes), self.t.img_size, to_dev(rand() < self.bicubic_p))
+            x = batched_resized_crop(x, to_dev(boxes), self.t.img_size, rand() < self.bicubic_p)
         elif tuple(x.shape[-2:]) != (self.t.img_size,) * 2:
             x = self.t.geometry(x.to(torch.uint8)).float()
         if self.hflip > 0:
             x = torch.where(to_dev(rand() < self.hflip).view(-1, 1, 1, 1), x.flip(-1), x)
         if self.t.ra:
-            fill = torch.tensor(self.t.ra.fill, device=dev)
+            fill = to_dev(self.fill)
             for op, arg, bicubic in self.draw_randaug(B, gen):
                 x = batched_randaugment_op(x, op, arg, bicubic, fill)
-        mean, std = (torch.tensor(v, device=dev).view(1, -1, 1, 1) for v in (self.t.mean, self.t.std))
-        x = (x / 255.0 - mean) / std                                                    # F.normalize
+        x = (x / 255.0 - to_dev(self.mean)) / to_dev(self.std)                          # F.normalize
         if self.reprob > 0:
             boxes = batched_erasing_boxes(B, *x.shape[-2:], self.reprob, gen)
             x = batched_erase(x, to_dev(boxes), torch.randn(x.shape, device=dev, generator=noise_gen))
@@ -918,7 +927,7 @@ class DeviceBatches:
         dev = self.images.device
         if self.sampler is None:  # eval
             for i in self.indices.split(self.b):
-                i = i.to(dev, non_blocking=True)
+                i = to_device(i, dev)
                 x = self.t.geometry(self.images[i])
                 yield F.normalize(x.float() / 255.0, self.t.mean, self.t.std), self.labels[i]
             return
@@ -928,7 +937,7 @@ class DeviceBatches:
             seed = derive_seed(self.cfg['seed'], s.epoch, step, s.rank, 'device-aug')
             self.gen.manual_seed(seed)
             self.noise_gen.manual_seed(seed)
-            i = idx[step].to(dev, non_blocking=True)
+            i = to_device(idx[step], dev)
             yield self.batched(self.images[i], self.gen, self.noise_gen), self.labels[i]
 
 
