@@ -81,7 +81,7 @@ class PEConfig:
                              f"valid: None or 0..{depth - 1}")
         if first is None and not self.hierarchical:
             raise ValueError("hierarchical=False only changes the layer-wise PE chain, and layerwise_from=None "
-                             "has none; valid: hierarchical=True, or set layerwise_from to 0..{}".format(depth - 1))
+                             f"has none; valid: hierarchical=True, or set layerwise_from to 0..{depth - 1}")
         k = self.last_ln_pe
         if k is not None and not isinstance(k, int):
             raise ValueError(f"last_ln_pe={k!r} must be None or a layer index")
