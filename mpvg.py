@@ -157,11 +157,7 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x):
         x = self.proj(x)                       # (B, C, H, W) -> (B, D, H/p, W/p)
-        x = x.flatten(2).transpose(1, 2)       # (B, D, H/p, W/p) -> (B, N, D), patches p_1..p_N
-        ## The transpose is only a view: without a class token to concatenate, the residual stream would keep
-        ## this (B, D, N) memory layout through every block, and every LayerNorm would copy it (forward and
-        ## backward). One copy here instead; the values are the same.
-        return x.contiguous()
+        return x.flatten(2).transpose(1, 2)    # (B, D, H/p, W/p) -> (B, N, D), patches p_1..p_N (a view)
 
 
 class Attention(nn.Module):
@@ -206,17 +202,19 @@ class Mlp(nn.Module):
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch of a sample with probability p."""
+    """A residual connection with stochastic depth: x + branch, each sample's branch dropped with probability p."""
 
     def __init__(self, p: float):
         super().__init__()
         self.p = p
 
-    def forward(self, x):
+    def forward(self, x, branch):
         if self.p == 0.0 or not self.training:
-            return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)  # (B, 1, 1), 0 or 1
-        return x * keep.div_(1.0 - self.p)   # scale the (B, 1, 1) mask, not x: one pass over x (as timm)
+            return x + branch
+        keep = branch.new_empty((branch.shape[0],) + (1,) * (branch.ndim - 1)).bernoulli_(1.0 - self.p)  # (B,1,1)
+        ## x + branch * keep / (1 - p), scaled so that its expectation is x + branch. addcmul makes one pass over
+        ## the tokens where timm's `x + drop_path(branch)` makes two (a multiply, then the add).
+        return torch.addcmul(x, branch, keep.div_(1.0 - self.p))
 
 
 class Block(nn.Module):
@@ -234,7 +232,7 @@ class Block(nn.Module):
         self.attn = Attention(D, cfg.num_heads, cfg.qkv_bias, cfg.attn_drop_rate, cfg.fused_attn)
         self.norm2 = nn.LayerNorm(D, eps=cfg.norm_eps)            # LN''_l (CCT's `norm1`)
         self.mlp = Mlp(D, int(D * cfg.mlp_ratio))
-        self.drop_path = DropPath(drop_path)
+        self.residual = DropPath(drop_path)                       # x + branch, with stochastic depth
         ## LN'_l: this layer's OWN norm for the PE (LaPE's `pe_norm`); its output is also handed on to the
         ## next layer (Eq. 7/10), but the chain is computed once per forward in VisionTransformer.layer_pes.
         self.pe_norm = nn.LayerNorm(D, eps=cfg.norm_eps) if has_pe_norm else None
@@ -243,12 +241,12 @@ class Block(nn.Module):
         h = self.norm1(x)                                          # LN_l(x_l)
         if pe is not None:
             h = h + pe                                             # Eq. (6)/(9): LN_l(x_l) + LN'_l(pos); (1,T,D) broadcast
-        x = x + self.drop_path(self.attn(h))                       # Eq. (2)
+        x = self.residual(x, self.attn(h))                         # Eq. (2): x'_l = MSA(...) + x_l
         if self.post_norm_residual:
             ## CCT's layer normalizes the residual stream itself and has no LN before the MLP.
             x = self.norm2(x)
-            return x + self.drop_path(self.mlp(x))
-        return x + self.drop_path(self.mlp(self.norm2(x)))         # Eq. (3)
+            return self.residual(x, self.mlp(x))
+        return self.residual(x, self.mlp(self.norm2(x)))           # Eq. (3): x_{l+1} = MLP(LN''_l(x'_l)) + x'_l
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -318,6 +316,10 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(x)                                     # (B, 3, H, W) -> (B, N, D)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, N, D) -> (B, 1+N, D)
+        else:
+            ## The patches are a transposed view of the conv output. Copied once here, or the residual stream
+            ## would keep that (B, D, N) memory layout and every LayerNorm would copy it. (The cat above copies.)
+            x = x.contiguous()
         if pe.pe_at_input:
             x = x + self.pos_embed                                  # Eq. (1)/(8); LaPE skips it, Eq. (5)
         pes = self.layer_pes()

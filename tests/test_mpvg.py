@@ -414,6 +414,29 @@ def test_every_parameter_gets_a_finite_gradient(name, case):
                 assert p.grad.abs().sum() > 0, f'{n} has an all-zero gradient'
 
 
+
+def test_stochastic_depth_drops_whole_samples_and_keeps_the_expectation():
+    """The residual with drop-path (Huang et al. 2016, timm's drop_path): in training each sample's branch is
+    either dropped (output x) or kept and scaled by 1/(1-p); in eval the output is x + branch."""
+    p, B = 0.3, 4000
+    res = mpvg.DropPath(p)
+    torch.manual_seed(0)
+    x, branch = torch.randn(B, 3, 5), torch.randn(B, 3, 5)
+    out = res.train()(x, branch)
+    dropped = torch.isclose(out, x, rtol=0, atol=1e-6).flatten(1).all(1)
+    kept = torch.isclose(out, x + branch / (1 - p), rtol=1e-6, atol=1e-6).flatten(1).all(1)
+    assert bool((dropped ^ kept).all()), 'each sample is either wholly dropped or wholly kept'
+    assert abs(dropped.float().mean().item() - p) < 0.03            # ~4.6 sigma at B=4000
+    assert torch.equal(res.eval()(x, branch), x + branch)
+    assert torch.equal(mpvg.DropPath(0.0).train()(x, branch), x + branch)
+    # the gradient reaches the branch only through the kept samples, scaled
+    branch.requires_grad_(True)
+    res.train()(x, branch).sum().backward()
+    g = branch.grad.flatten(1)
+    zero = (g == 0).all(1)
+    assert abs(zero.float().mean().item() - p) < 0.03
+    assert torch.allclose(g[~zero], torch.full_like(g[~zero], 1 / (1 - p)))
+
 # ---------------------------------------------------------------------------------------------------------------
 # Fused attention = the written-out softmax(QK^T / sqrt(d)) V (5)
 # ---------------------------------------------------------------------------------------------------------------
