@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import shlex
 import statistics
 import sys
@@ -294,6 +295,21 @@ def median_ratio(a: list[float], b: list[float]) -> float:
     return statistics.median(tb / ta for ta, tb in zip(a, b))
 
 
+def ratio_interval(a: list[float], b: list[float], n: int = 2000) -> tuple[float, float] | None:
+    """A 95% bootstrap interval (percentile method, fixed seed) for median_ratio(a, b): how far the median of
+    the per-round ratios could move on a rerun of as many rounds. None with fewer than 5 rounds."""
+    ratios = [tb / ta for ta, tb in zip(a, b)]
+    if len(ratios) < 5:
+        return None
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(n))
+    return medians[int(0.025 * n)], medians[int(0.975 * n) - 1]
+
+
+def fmt_interval(ci) -> str:
+    return "" if ci is None else f" ({ci[0]:.2f}–{ci[1]:.2f})"
+
+
 def fmt(v, spec=".2f") -> str:
     return "-" if v is None else format(v, spec)
 
@@ -320,12 +336,15 @@ def make_table(configs: list[Config], args, device, header: str) -> tuple[str, d
         r = {"train_vs_vit": vit and median_ratio(c.train_s, vit.train_s),
              "infer_vs_vit": vit and median_ratio(c.infer_s, vit.infer_s),
              "train_vs_timm": tm and median_ratio(c.train_s, tm.train_s),
-             "infer_vs_timm": tm and median_ratio(c.infer_s, tm.infer_s)}
+             "infer_vs_timm": tm and median_ratio(c.infer_s, tm.infer_s),
+             "train_vs_vit_ci95": ratio_interval(c.train_s, vit.train_s) if vit and vit is not c else None,
+             "train_vs_timm_ci95": ratio_interval(c.train_s, tm.train_s) if tm and tm is not c else None}
         label = timm_label(c.model_name) if c.variant == "timm" else c.variant
         lines.append(f"| {c.model_name} | {label} | {'on' if c.compile else 'off'} | {c.params / 1e6:.3f}M "
                      f"| {train:,.1f} | {infer:,.1f} | {fmt(c.peak_mem_mib, ',.0f')} "
-                     f"| {fmt(r['train_vs_vit'])} | {fmt(r['infer_vs_vit'])} "
-                     f"| {fmt(r['train_vs_timm'])} | {fmt(r['infer_vs_timm'])} |")
+                     f"| {fmt(r['train_vs_vit'])}{fmt_interval(r['train_vs_vit_ci95'])} | {fmt(r['infer_vs_vit'])} "
+                     f"| {fmt(r['train_vs_timm'])}{fmt_interval(r['train_vs_timm_ci95'])} "
+                     f"| {fmt(r['infer_vs_timm'])} |")
         raw.append({"model": c.model_name, "variant": c.variant, "compile": c.compile,
                     "batch_size": c.batch_size, "params": c.params, "train_img_s": train, "infer_img_s": infer,
                     "peak_mem_mib": c.peak_mem_mib, "train_s_per_round": c.train_s,
@@ -338,6 +357,7 @@ def make_table(configs: list[Config], args, device, header: str) -> tuple[str, d
               "img/s: images per second, median over rounds. Ratios: throughput of the row / throughput of "
               "`vit` (or timm) of the same model and compile setting, median over rounds of the per-round "
               "ratio; > 1 is faster, and a training-step time within 3% of `vit` is a ratio >= 0.971. "
+              "In brackets: a 95% bootstrap interval of that median over the rounds (with 5 rounds or more). "
               "`vit` has one token more than the GAP variants (class token). "
               f"Peak mem: {mem_note}. "
               "timm ViT (closest): timm's VisionTransformer with ViT-Lite's sizes (no timm model exists); its "
