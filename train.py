@@ -22,9 +22,11 @@ Comments with `##` teach; `#` comments are functional. `# deviation:` marks ever
 """
 import argparse
 import contextlib
+import gc
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import pickle
 import random
@@ -247,7 +249,11 @@ class FolderImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         path, label = self.folder.samples[i]
-        img = F.pil_to_tensor(torchvision.datasets.folder.default_loader(path))  # PIL RGB -> uint8 (3, H, W)
+        try:
+            img = F.pil_to_tensor(torchvision.datasets.folder.default_loader(path))  # PIL RGB -> uint8 (3, H, W)
+        except (OSError, ValueError, SyntaxError) as e:  # PIL: unidentified, truncated or malformed file
+            raise UserError(f'cannot decode image {path} ({type(e).__name__}: {e}); replace or delete that file, '
+                            f'then rerun with --resume auto to continue from the last checkpoint') from None
         return img, label
 
 
@@ -1329,7 +1335,10 @@ def main(argv=None):
         run(args)
     except UserError as e:
         prefix = f'[rank {rank}] ' if dist_env()[1] > 1 else ''
-        print(f'{prefix}error: {e}', file=sys.stderr, flush=True)
+        msg = str(e)
+        if msg.startswith('Caught UserError'):  # raised in a DataLoader worker: the message comes wrapped in the
+            msg = msg.rsplit('UserError: ', 1)[-1].strip()  # worker's traceback; keep our own sentence
+        print(f'{prefix}error: {msg}', file=sys.stderr, flush=True)
         code = 2
     except Stopped as e:
         if rank == 0:
@@ -1342,6 +1351,13 @@ def main(argv=None):
             signal.signal(s, h)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+        ## After an exception out of the data loader (e.g. an unreadable image) its workers may still be alive, and
+        ## they ignore SIGTERM (_worker_init), so the interpreter's exit, which terminates and then joins them, would
+        ## wait forever. Everything is saved by now: collect the loader, then end any worker that is left.
+        gc.collect()
+        for p in multiprocessing.active_children():
+            p.kill()
+            p.join()
     sys.exit(code)
 
 

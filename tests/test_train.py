@@ -319,13 +319,14 @@ def test_resume_gives_the_same_weights_and_log(tmp_path, capsys):
 def test_sigterm_writes_checkpoint_and_resume_finishes_exactly(tmp_path):
     args = SYN + ['--synthetic-size', '1024', '--global-batch-size', '16', '--epochs', '2', '--seed', '4']
     out = tmp_path / 'run'
-    p = subprocess.Popen([sys.executable, TRAIN] + args + ['--output-dir', str(out)], cwd=tmp_path, env=env1(),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ## the interrupted run loads with 2 worker processes (which must not keep it from exiting), the others with none
+    p = subprocess.Popen([sys.executable, TRAIN] + args + ['--output-dir', str(out), '--workers', '2'], cwd=tmp_path,
+                         env=env1(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = p.stdout.readline()  # the config line: training starts right after it
     assert first.startswith('{"config"'), first + p.stderr.read()
     time.sleep(1.0)
     p.send_signal(signal.SIGTERM)
-    rest, err = p.communicate(timeout=300)
+    rest, err = p.communicate(timeout=120)
     assert p.returncode == 0, err
     assert 'stopped by SIGTERM' in err and 'Traceback' not in err, err
     ck = torch.load(out / 'last.pt', weights_only=True)
@@ -411,6 +412,31 @@ def test_one_epoch_on_tiny_imagefolder_deit_recipe(tmp_path):
     assert line['val_n'] == 10 and math.isfinite(line['train_loss'])
     ## repeated augmentation keeps floor(258 // 256 * 256 / 1) = 256 samples -> 4 steps of 64
     assert cfg['repeated_aug'] and cfg['steps_per_epoch'] == 4 and cfg['lr'] == pytest.approx(5e-4 * 64 / 512)
+
+
+@pytest.mark.parametrize('workers', [0, 2])
+def test_corrupt_image_names_the_file(workers, tmp_path, capsys):
+    """workers 0: in this process; workers 2: the real command line, where the error comes out of a worker process
+    and the run must still exit (not wait forever on its workers)."""
+    from PIL import Image
+    for split, n in (('train', 8), ('val', 2)):
+        for i in range(n):
+            c = tmp_path / 'in' / split / f'n0{i % 2}'
+            c.mkdir(parents=True, exist_ok=True)
+            Image.new('RGB', (20, 20), (i * 20, 0, 0)).save(c / f'{i}.jpg')
+    (tmp_path / 'in' / 'train' / 'n01' / '3.jpg').write_bytes(b'\xff\xd8\xff\xe0 a truncated download')
+    argv = TINY + ['--model', 'deit_tiny', '--img-size', '16', '--data', 'imagenet', '--data-path', tmp_path / 'in',
+                   '--global-batch-size', '4', '--no-repeated-aug', '--epochs', '1', '--output-dir', tmp_path / 'o']
+    argv[argv.index('--workers') + 1] = str(workers)
+    if workers:
+        r = subprocess.run([sys.executable, TRAIN] + [str(a) for a in argv], cwd=tmp_path, env=env1(),
+                           capture_output=True, text=True, timeout=120)
+        code, err = r.returncode, r.stderr
+    else:
+        capsys.readouterr()
+        code, err = run_main(argv), capsys.readouterr().err
+    assert_one_paragraph_error(code, err, str(tmp_path / 'in' / 'train' / 'n01' / '3.jpg'), 'cannot decode',
+                               '--resume auto')
 
 
 # ------------------------------------------------------------------------------------------------ errors
