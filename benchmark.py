@@ -128,7 +128,10 @@ class Runner:
         cfg = model_config(c.model_name)
         self.raw_model = build(c.model_name, c.variant).to(device)
         c.params = sum(p.numel() for p in self.raw_model.parameters())
-        self.model = torch.compile(self.raw_model) if c.compile else self.raw_model
+        ## dynamic=False: each configuration is compiled for its own fixed shapes, as in a training run. Without it,
+        ## a second model class instance with another batch size or token count recompiles the shared forward
+        ## with dynamic shapes (torch's automatic_dynamic_shapes), and later configurations run slower kernels.
+        self.model = torch.compile(self.raw_model, dynamic=False) if c.compile else self.raw_model
         self.opt = make_optimizer(self.raw_model, device)
         self.x = torch.randn(c.batch_size, cfg.in_chans, cfg.img_size, cfg.img_size, device=device)
         self.y = torch.randint(0, cfg.num_classes, (c.batch_size,), device=device)
