@@ -414,7 +414,6 @@ def test_every_parameter_gets_a_finite_gradient(name, case):
                 assert p.grad.abs().sum() > 0, f'{n} has an all-zero gradient'
 
 
-
 def test_stochastic_depth_drops_whole_samples_and_keeps_the_expectation():
     """The residual with drop-path (Huang et al. 2016, timm's drop_path): in training each sample's branch is
     either dropped (output x) or kept and scaled by 1/(1-p); in eval the output is x + branch."""
@@ -436,6 +435,7 @@ def test_stochastic_depth_drops_whole_samples_and_keeps_the_expectation():
     zero = (g == 0).all(1)
     assert abs(zero.float().mean().item() - p) < 0.03
     assert torch.allclose(g[~zero], torch.full_like(g[~zero], 1 / (1 - p)))
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Fused attention = the written-out softmax(QK^T / sqrt(d)) V (5)
