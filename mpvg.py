@@ -46,8 +46,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["PEConfig", "PE_PRESETS", "PE_KNOBS", "ViTConfig", "MODELS", "VisionTransformer",
-           "create_model", "probe", "pe_token_correlation"]
+__all__ = ["PEConfig", "PE_PRESETS", "PE_KNOBS", "ViTConfig", "MODELS", "VisionTransformer", "validate_config",
+           "make_config", "create_model", "probe", "pe_token_correlation"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -76,14 +76,14 @@ class PEConfig:
             if not isinstance(getattr(self, knob), bool):
                 raise ValueError(f"{knob}={getattr(self, knob)!r} must be True or False")
         first = self.layerwise_from
-        if first is not None and not (isinstance(first, int) and 0 <= first < depth):
+        if first is not None and not (_is_int(first) and 0 <= first < depth):
             raise ValueError(f"layerwise_from={first!r} is not a layer of a depth-{depth} model; "
                              f"valid: None or 0..{depth - 1}")
         if first is None and not self.hierarchical:
             raise ValueError("hierarchical=False only changes the layer-wise PE chain, and layerwise_from=None "
                              f"has none; valid: hierarchical=True, or set layerwise_from to 0..{depth - 1}")
         k = self.last_ln_pe
-        if k is not None and not isinstance(k, int):
+        if k is not None and not _is_int(k):
             raise ValueError(f"last_ln_pe={k!r} must be None or a layer index")
         if k is not None and k != 0:
             layers = [] if first is None else list(range(max(first, 1), depth))
@@ -256,9 +256,9 @@ class Block(nn.Module):
 class VisionTransformer(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
-        if cfg.family not in FAMILIES:
-            raise ValueError(f"family={cfg.family!r} is unknown; valid: {', '.join(map(repr, FAMILIES))}")
-        cfg.pe.validate(cfg.depth)
+        ## Every check of the configuration is in validate_config (with the factory below), so that make_config
+        ## runs them all without building anything.
+        validate_config(cfg)
         self.cfg = cfg
         pe, D, L = cfg.pe, cfg.embed_dim, cfg.depth
 
@@ -346,21 +346,80 @@ class VisionTransformer(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Factory
+# Configuration checks and the factory
 # ----------------------------------------------------------------------------------------------------
 
 _ARCH_FIELDS = tuple(f.name for f in dataclasses.fields(ViTConfig) if f.name != "pe")
 
 
-def create_model(name: str, pe: str | PEConfig = "mpvg", num_classes: int | None = None,
-                 **overrides) -> VisionTransformer:
-    """Build `name` with the PE scheme `pe` (a preset name or a PEConfig).
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)      # True is an int to Python, not a depth
+
+
+def _is_number(v) -> bool:
+    return _is_int(v) or isinstance(v, float) and math.isfinite(v)   # no NaN, no inf
+
+
+_INT = (lambda v: _is_int(v) and v >= 1, "an int >= 1")
+_POSITIVE = (lambda v: _is_number(v) and v > 0, "a finite number > 0")
+_BOOL = (lambda v: isinstance(v, bool), "True or False")
+_RATE = "a number in [0, 1)"
+## Each architecture field on its own: (test of the value, what is valid). The constraints between fields follow
+## in validate_config, which reports every failure at once.
+_ARCH_RULES: dict[str, tuple] = {
+    "img_size": _INT, "patch_size": _INT, "in_chans": _INT, "num_classes": _INT,
+    "embed_dim": _INT, "depth": _INT, "num_heads": _INT,
+    "mlp_ratio": _POSITIVE, "norm_eps": _POSITIVE,
+    "qkv_bias": _BOOL, "fused_attn": _BOOL,
+    "family": (lambda v: isinstance(v, str) and v in FAMILIES, "one of " + ", ".join(map(repr, FAMILIES))),
+    ## 1 is excluded: the last layer's drop-path rate is drop_path_rate, and at 1 that layer would be dropped for
+    ## every sample and its 1/(1 - p) rescaling would divide by zero (NaN); an attention dropout of 1 drops every
+    ## attention weight, so no token would see any other.
+    "drop_path_rate": (lambda v: _is_number(v) and 0 <= v < 1, _RATE + " (1 would always drop the last layer)"),
+    "attn_drop_rate": (lambda v: _is_number(v) and 0 <= v < 1, _RATE + " (1 would drop every attention weight)"),
+}
+assert set(_ARCH_RULES) == set(_ARCH_FIELDS), "every ViTConfig field needs a rule"
+
+
+def validate_config(cfg: ViTConfig) -> None:
+    """Raise ValueError for a configuration no model can be built from, naming each bad value and what is valid.
+
+    Every check that building the model relies on lives here (VisionTransformer calls it first), and it allocates
+    nothing, so make_config, and a training script through it, can reject bad flags before any real work.
+    """
+    bad = [f for f, (ok, _) in _ARCH_RULES.items() if not ok(getattr(cfg, f))]
+    problems = [f"{f}={getattr(cfg, f)!r} is invalid: must be {_ARCH_RULES[f][1]}" for f in bad]
+    fine = set(bad).isdisjoint                                 # the cross-field checks need valid fields
+    if fine(("img_size", "patch_size")) and cfg.img_size % cfg.patch_size:
+        problems.append(f"img_size={cfg.img_size} is not a multiple of patch_size={cfg.patch_size}: the patches "
+                        f"must tile the image; valid: an img_size divisible by patch_size")
+    if fine(("embed_dim", "num_heads")) and cfg.embed_dim % cfg.num_heads:
+        problems.append(f"embed_dim={cfg.embed_dim} is not divisible by num_heads={cfg.num_heads}: each head gets "
+                        f"embed_dim / num_heads dims; valid: a num_heads that divides embed_dim")
+    if fine(("embed_dim", "mlp_ratio")) and cfg.embed_dim * cfg.mlp_ratio < 1:  # Mlp has int(that)
+        problems.append(f"mlp_ratio={cfg.mlp_ratio!r} with embed_dim={cfg.embed_dim} gives an MLP of "
+                        f"int(embed_dim * mlp_ratio) = 0 hidden units; valid: embed_dim * mlp_ratio >= 1")
+    if not isinstance(cfg.pe, PEConfig):
+        problems.append(f"pe={cfg.pe!r} is invalid: must be a PEConfig")
+    elif fine(("depth",)):                                     # the PE knobs are checked against the depth
+        try:
+            cfg.pe.validate(cfg.depth)
+        except ValueError as e:
+            problems.append(str(e))
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def make_config(name: str, pe: str | PEConfig = "mpvg", num_classes: int | None = None,
+                **overrides) -> ViTConfig:
+    """The checked configuration of `name` with the PE scheme `pe` (a preset name or a PEConfig), no weights.
 
     overrides: any ViTConfig field (timm names: img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio,
     qkv_bias, drop_path_rate, attn_drop_rate, ...) and any PE knob (pool, pe_at_input, layerwise_from,
     hierarchical, last_ln_pe), which replaces that knob of the preset.
+    Raises ValueError, naming the bad values and the valid ones, for anything create_model could not build.
     """
-    if name not in MODELS:
+    if not isinstance(name, str) or name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODELS)}")
     if isinstance(pe, str):
         if pe not in PE_PRESETS:
@@ -376,7 +435,18 @@ def create_model(name: str, pe: str | PEConfig = "mpvg", num_classes: int | None
     arch = {**MODELS[name], **{k: v for k, v in overrides.items() if k in _ARCH_FIELDS}}
     if num_classes is not None:
         arch["num_classes"] = num_classes
-    return VisionTransformer(ViTConfig(**arch, pe=pe))
+    cfg = ViTConfig(**arch, pe=pe)
+    validate_config(cfg)
+    return cfg
+
+
+def create_model(name: str, pe: str | PEConfig = "mpvg", num_classes: int | None = None,
+                 **overrides) -> VisionTransformer:
+    """Build `name` with the PE scheme `pe` (a preset name or a PEConfig): VisionTransformer(make_config(...)).
+
+    Arguments as make_config, which checks them all before any weight is allocated.
+    """
+    return VisionTransformer(make_config(name, pe, num_classes, **overrides))
 
 
 # ----------------------------------------------------------------------------------------------------
