@@ -18,7 +18,8 @@ norms swapped, one PE norm shared by all layers, ...) disagree with the model.
 Groups of tests (the numbers mark the sections below):
   1 parameter counts      2 reference forward + teeth     3 MPVG inference identity    4 gradients
   5 fused vs written-out attention   6 timm / LaPE checkpoints   7 PE chain once per forward
-  8 import with torch only   9 bad input -> ValueError   10 probe / correlation   11 no_weight_decay
+  8 import with torch only   9 bad input -> ValueError (before any module is built)   10 probe / correlation
+  11 no_weight_decay
 
 Run: python -m pytest -q tests/test_mpvg.py   (CPU, tiny models; about a minute on 2 cores)
 """
@@ -609,6 +610,155 @@ def test_bad_input_raises_value_error_naming_it(what):
         mpvg.create_model(*args, **kwargs)
     for s in must_appear:
         assert s in str(err.value), f'{s!r} missing from: {err.value}'
+
+
+# Impossible values of every ViTConfig field (and the two integer PE knobs), one at a time on the tiny DeiT.
+# The first five used to fail inside torch, at the first forward, or not at all.
+NAN, INF = float('nan'), float('inf')
+BAD_VALUES = [
+    ('num_heads', 0), ('patch_size', 0), ('drop_path_rate', 1.5), ('norm_eps', -1), ('qkv_bias', 'no'),
+    ('img_size', 0), ('img_size', -32), ('img_size', 32.0), ('img_size', True),
+    ('patch_size', -8), ('patch_size', 8.0), ('patch_size', None),
+    ('in_chans', 0), ('in_chans', '3'),
+    ('num_classes', 0), ('num_classes', -10), ('num_classes', False),
+    ('embed_dim', 0), ('embed_dim', 48.5), ('embed_dim', True),
+    ('depth', 0), ('depth', -1), ('depth', True), ('depth', 4.0), ('depth', None),
+    ('num_heads', -3), ('num_heads', True), ('num_heads', 3.0),
+    ('mlp_ratio', 0), ('mlp_ratio', -4.0), ('mlp_ratio', NAN), ('mlp_ratio', INF), ('mlp_ratio', '4'),
+    ('mlp_ratio', True),
+    ('qkv_bias', 0), ('qkv_bias', 1), ('qkv_bias', None),
+    ('fused_attn', 'yes'), ('fused_attn', 1),
+    ('norm_eps', 0), ('norm_eps', 0.0), ('norm_eps', NAN), ('norm_eps', INF), ('norm_eps', '1e-6'),
+    ('family', 'vit'), ('family', 'DeiT'), ('family', None),
+    ('drop_path_rate', 1), ('drop_path_rate', 1.0), ('drop_path_rate', -0.1), ('drop_path_rate', NAN),
+    ('drop_path_rate', True),
+    ('attn_drop_rate', 1.0), ('attn_drop_rate', -0.5), ('attn_drop_rate', INF), ('attn_drop_rate', '0.1'),
+    ('layerwise_from', True), ('last_ln_pe', True), ('last_ln_pe', False),
+]
+# Values that are each fine alone but impossible together: (overrides, what the message must name).
+BAD_COMBOS = {
+    'image not tiled by patches': (dict(img_size=30, patch_size=8), ['img_size=30', 'patch_size=8']),
+    'patch larger than image':    (dict(img_size=8, patch_size=16), ['img_size=8', 'patch_size=16']),
+    'heads do not divide dim':    (dict(embed_dim=48, num_heads=5), ['embed_dim=48', 'num_heads=5']),
+    'MLP without hidden units':   (dict(embed_dim=48, mlp_ratio=0.02), ['mlp_ratio=0.02', 'embed_dim=48']),
+}
+
+
+@pytest.fixture
+def no_modules(monkeypatch):
+    """Any nn.Module (so any parameter) built during the test fails it."""
+    def refuse(self, *args, **kwargs):
+        raise AssertionError(f'{type(self).__name__} was built: checking a configuration must allocate nothing')
+    monkeypatch.setattr(torch.nn.Module, '__init__', refuse)
+
+
+def test_no_modules_fixture_has_teeth(no_modules):
+    with pytest.raises(AssertionError, match='was built'):
+        mpvg.create_model('deit_tiny', pe='mpvg', **D4)
+
+
+@pytest.mark.parametrize('field, value', BAD_VALUES, ids=[f'{f}={v!r}' for f, v in BAD_VALUES])
+@pytest.mark.parametrize('entry', ['make_config', 'create_model'])
+def test_impossible_value_raises_value_error_naming_field_and_value(field, value, entry, no_modules):
+    # no_modules: create_model must reject the value before it builds the first module
+    with pytest.raises(ValueError) as err:
+        getattr(mpvg, entry)('deit_tiny', pe='mpvg', **{**D4, field: value})
+    assert f'{field}={value!r}' in str(err.value), str(err.value)
+    if field not in KNOBS:
+        assert 'must be' in str(err.value), f'the message does not say what is valid: {err.value}'
+
+
+@pytest.mark.parametrize('what', list(BAD_COMBOS))
+def test_impossible_combination_raises_value_error_naming_both(what, no_modules):
+    overrides, must_appear = BAD_COMBOS[what]
+    with pytest.raises(ValueError) as err:
+        mpvg.make_config('deit_tiny', pe='mpvg', **{**D4, **overrides})
+    for s in must_appear + ['valid']:
+        assert s in str(err.value), f'{s!r} missing from: {err.value}'
+
+
+def test_several_bad_values_are_reported_together():
+    with pytest.raises(ValueError) as err:
+        mpvg.make_config('deit_tiny', pe='pvg', **{**D4, 'num_heads': 0, 'norm_eps': NAN, 'qkv_bias': 'no',
+                                                    'layerwise_from': 9, 'img_size': 30})
+    for s in ['num_heads=0', 'norm_eps=nan', "qkv_bias='no'", 'layerwise_from=9', 'img_size=30']:
+        assert s in str(err.value), f'{s!r} missing from: {err.value}'
+
+
+@pytest.mark.parametrize('field, value', [('num_heads', 0), ('family', 'vit'), ('drop_path_rate', 1.0)])
+def test_vision_transformer_checks_a_config_built_by_hand(field, value):
+    cfg = mpvg.ViTConfig(**{**D4, field: value})
+    with pytest.raises(ValueError, match=re.escape(f'{field}={value!r}')):
+        mpvg.VisionTransformer(cfg)
+
+
+@pytest.mark.parametrize('what', list(BAD))
+def test_make_config_rejects_what_create_model_rejects_without_building(what, no_modules):
+    args, kwargs, must_appear = BAD[what]
+    with pytest.raises(ValueError) as err:
+        mpvg.make_config(*args, **kwargs)
+    for s in must_appear:
+        assert s in str(err.value), f'{s!r} missing from: {err.value}'
+
+
+# The smallest and largest values that can be built (on top of the tiny DeiT, D4), each with its PE preset.
+EDGE_VALUES = {
+    'one patch per image':        ('mpvg', dict(img_size=8, patch_size=8)),
+    'one-pixel patches':          ('mpvg', dict(img_size=4, patch_size=1)),
+    'one input channel':          ('mpvg', dict(in_chans=1)),
+    'one class':                  ('mpvg', dict(num_classes=1)),
+    'one dim per head':           ('mpvg', dict(embed_dim=3, num_heads=3)),
+    'one layer':                  ('gap', dict(depth=1)),
+    'one layer with layer-wise PE': ('mpvg', dict(depth=1, layerwise_from=0)),
+    'one hidden unit in the MLP': ('mpvg', dict(embed_dim=48, mlp_ratio=0.025)),
+    'integer mlp_ratio':          ('mpvg', dict(mlp_ratio=2)),
+    'rates 0':                    ('mpvg', dict(drop_path_rate=0, attn_drop_rate=0.0)),
+    'rates just below 1':         ('mpvg', dict(drop_path_rate=0.99, attn_drop_rate=0.99)),
+    'tiny and integer eps':       ('lape', dict(norm_eps=1e-12)),
+    'eps 1 (an int)':             ('lape', dict(norm_eps=1)),
+    'no qkv bias, written out':   ('vit', dict(qkv_bias=False, fused_attn=False)),
+    'CCT layer at DeiT sizes':    ('pvg', dict(family='cct')),
+}
+
+
+@pytest.mark.parametrize('what', list(EDGE_VALUES))
+def test_valid_edge_values_are_accepted_and_run(what):
+    pe, overrides = EDGE_VALUES[what]
+    kw = {**D4, **overrides}
+    cfg = mpvg.make_config('deit_tiny', pe=pe, **kw)
+    assert {k: getattr(cfg.pe if k in KNOBS else cfg, k) for k in overrides} == overrides
+    torch.manual_seed(0)
+    model = mpvg.VisionTransformer(cfg).train()
+    logits = model(torch.randn(2, kw.get('in_chans', 3), kw['img_size'], kw['img_size']))
+    assert logits.shape == (2, kw.get('num_classes', 1000)) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize('name', NAMES)
+@pytest.mark.parametrize('case', ['vit', 'lape', 'mpvg', 'tab5_last_ln_pe2', 'fig5b_gap_last_ln_pe_only'])
+def test_make_config_then_vision_transformer_is_create_model(name, case):
+    preset, overrides = CASES[case]
+    cfg = mpvg.make_config(name, pe=preset, num_classes=7, **TINY[name], **overrides)
+    assert isinstance(cfg, mpvg.ViTConfig) and cfg.num_classes == 7
+    torch.manual_seed(0)
+    a = mpvg.VisionTransformer(cfg)
+    torch.manual_seed(0)
+    b = mpvg.create_model(name, pe=preset, num_classes=7, **TINY[name], **overrides)
+    assert a.cfg == b.cfg
+    sa, sb = a.state_dict(), b.state_dict()
+    assert [(k, v.shape) for k, v in sa.items()] == [(k, v.shape) for k, v in sb.items()]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa), 'same seed, same config: same initial weights'
+
+
+def test_make_config_of_deit_base_allocates_nothing(no_modules):
+    # PAPER.md §3: DeiT-B is patch 16 at 224², D 768, depth 12, 12 heads, MLP ratio 4, LayerNorm eps 1e-6
+    cfg = mpvg.make_config('deit_base', pe='mpvg')
+    assert isinstance(cfg, mpvg.ViTConfig)
+    assert (cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio, cfg.norm_eps) \
+        == (224, 16, 768, 12, 12, 4.0, 1e-6)
+    assert {k: getattr(cfg.pe, k) for k in KNOBS} == PRESETS['mpvg']
+    # the presets and model table are not changed by a call with overrides
+    mpvg.make_config('deit_base', pe='mpvg', depth=2, layerwise_from=0)
+    assert mpvg.make_config('deit_base', pe='mpvg') == cfg
 
 
 # ---------------------------------------------------------------------------------------------------------------
