@@ -372,7 +372,8 @@ def make_table(configs: list[Config], args, device, header: str) -> tuple[str, d
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    ## allow_abbrev=False: `--rep 3` is an error, not a silent `--repeats 3` (or, once a flag is added, another one)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["vit_lite_7_4", "deit_tiny"], choices=list(mpvg.MODELS))
     p.add_argument("--pe", nargs="+", default=list(mpvg.PE_PRESETS), choices=list(mpvg.PE_PRESETS),
@@ -399,39 +400,79 @@ def parse_args(argv=None):
                         "vs batched on-device CIFAR augmentation, and the projected 310-epoch wall time")
     p.add_argument("--workers", type=int, default=None, help="--data-pipeline: DataLoader workers (min(8, cpus))")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: batch 2, 1 step, 1 round, 1 warm-up, no compile (numbers meaningless)")
+                   help="smoke run: batch 2, 1 step, 1 round, 1 warm-up, no compile (numbers meaningless); "
+                        "flags given explicitly win")
     args = p.parse_args(argv)
     args.command = "python benchmark.py" + (" " + shlex.join(sys.argv[1:]) if argv is None and sys.argv[1:] else "")
 
+    ## Every value is checked here, before anything is built or timed, and as given: a default only fills in a
+    ## flag that was left out, never an explicit 0.
+    bad = []
+    for flag, lowest in (("steps", 1), ("repeats", 1), ("warmup", 0), ("threads", 1), ("workers", 0)):
+        value = getattr(args, flag)
+        if value is not None and value < lowest:
+            bad.append(f"--{flag} {value}: must be an int >= {lowest}")
+    given_sizes = []                                   # (model or None for all, batch size), in command-line order
+    for entry in args.batch_size:
+        name, eq, b = entry.rpartition("=")
+        if eq and name not in mpvg.MODELS:
+            what = f"unknown model {name!r}" if name else "no model before '='"
+            bad.append(f"--batch-size {entry}: {what}; valid: MODEL=B with MODEL one of "
+                       f"{', '.join(mpvg.MODELS)}, or B for every model")
+            continue
+        try:
+            size = int(b)
+        except ValueError:
+            size = None
+        if size is None or size < 1:
+            bad.append(f"--batch-size {entry}: batch size {b!r} is not an int >= 1; valid: B or MODEL=B, B >= 1")
+        else:
+            given_sizes.append((name or None, size))
+    if args.json is not None:
+        ## Checked now, not after the whole run: the folder must exist and take a new file, and the path must not
+        ## be a folder. Opening for append leaves an existing file as it is; a file made here is removed again.
+        existed = os.path.lexists(args.json)
+        try:
+            with open(args.json, "a"):
+                pass
+            if not existed:
+                os.remove(args.json)
+        except OSError as e:
+            folder = os.path.dirname(os.path.abspath(args.json))
+            why = ("the path is empty" if not args.json else "it is a folder" if os.path.isdir(args.json) else
+                   f"no folder {folder}" if not os.path.isdir(folder) else e.strerror)
+            bad.append(f"--json {args.json!r}: cannot be written ({why}); valid: a file path in an existing, "
+                       f"writable folder")
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
-        p.error("--device cuda but torch.cuda.is_available() is False")
+        bad.append("--device cuda but torch.cuda.is_available() is False; valid: --device cpu")
+    if bad:
+        p.error("; ".join(bad))
+
     args.amp = args.amp or ("bf16" if cuda else "off")
     args.compile = args.compile or ("off" if args.quick or not cuda else "both")
-    args.steps = args.steps or (1 if args.quick else 20 if cuda else 1)
-    args.repeats = 1 if args.quick else args.repeats or (5 if cuda else 30)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 10 if cuda else 2)
+    if args.steps is None:
+        args.steps = 1 if args.quick else 20 if cuda else 1
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 5 if cuda else 30
+    if args.warmup is None:
+        args.warmup = 1 if args.quick else 10 if cuda else 2
     args.mem = args.mem == "on"
     sizes = {}
     for m in args.models:
         cct = mpvg.MODELS[m].get("family") == "cct"
         sizes[m] = 2 if args.quick else (256 if cct else 128) if cuda else (64 if cct else 16)
-    for entry in args.batch_size:
-        name, _, b = entry.rpartition("=")
-        if name and name not in mpvg.MODELS:
-            p.error(f"--batch-size {entry}: unknown model {name!r}; valid: {', '.join(mpvg.MODELS)}")
+    for name, size in given_sizes:
         for m in ([name] if name else args.models):
-            sizes[m] = int(b)
+            sizes[m] = size
     args.batch_sizes = sizes
-    if args.steps < 1 or args.repeats < 1 or args.warmup < 0:
-        p.error("--steps and --repeats must be >= 1, --warmup >= 0")
     return args
 
 
 def main():
     args = parse_args()
     device = torch.device(args.device)
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
