@@ -13,24 +13,35 @@ it runs DistributedDataParallel (nccl on CUDA, gloo on CPU); otherwise a single 
 global / world_size. The paper's numbers (ViT-Lite CIFAR-100 top-1: vit 74.90, lape 75.52, pvg 76.67,
 mpvg 76.87; DeiT-Ti ImageNet: 72.14 / 72.94 / 73.17 / 73.51) were reported on 4x RTX 4090.
 
-Determinism: the data order of an epoch, every image's augmentation and every step's randomness (MixUp/CutMix,
-drop-path) are pure functions of (seed, epoch, step / sample position, rank). That is what makes --resume exact
-and makes 1 process and N processes see the same samples in every step.
+Data: an in-memory set (CIFAR-100, synthetic) lives on the training device as uint8; an ImageFolder (ImageNet) is
+decoded and randomly cropped per image in DataLoader workers. Everything else of the recipe's augmentation runs
+once per batch on the training device, each op written once (section "augmentation"), as Pillow computes it.
 
-Sections: config/CLI, data + augmentation, schedule/optimizer, DDP helpers, train/eval loop, checkpointing, main.
-Comments with `##` teach; `#` comments are functional. `# deviation:` marks every departure from the official code.
+Determinism: the data order of an epoch, every image's augmentation and every step's randomness (MixUp/CutMix,
+drop-path) are pure functions of (seed, epoch, step / sample position, rank). That is what makes --resume exact.
+
+Sections: config/CLI + input checks, provenance, data, augmentation, schedule/optimizer, DDP helpers, run folder +
+checkpoints, train/eval loop, main. `##` comments teach; `#` comments are functional; `# deviation:` marks every
+departure from the official code.
 """
 import argparse
 import contextlib
+import errno
+import fcntl
 import gc
 import hashlib
+import io
 import json
 import math
 import multiprocessing
 import os
 import pickle
-import random
+import platform
+import re
+import shlex
 import signal
+import socket
+import subprocess
 import sys
 import time
 
@@ -38,8 +49,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as nnF
 import torchvision
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
@@ -53,19 +62,24 @@ class UserError(Exception):
 # ----------------------------------------------------------------------------------------------------------------
 # config / CLI
 
-## The two official recipes (PAPER.md section 4). A model's defaults are its paper recipe; every value is a flag.
+## The two official recipes (PAPER.md section 4). A model's defaults are its paper recipe; most values are flags.
 RECIPES = {
     ## Compact-Transformers `cifar100.yml` (timm train.py): lr not scaled with the batch, PE and cls token decayed.
+    ## timm's train.py steps the scheduler with epoch + 1 after each epoch: epoch e trains at lr(e) (lr_epoch_lag 0).
+    ## Its prefetching loader mixes the uint8 batch in the collate, then normalizes and erases (mix_first).
     'vit_lite': dict(data='cifar100', epochs=300, cooldown_epochs=10, global_batch_size=128, lr=6e-4,
                      lr_base_batch=None, warmup_epochs=10, warmup_lr=1e-6, min_lr=1e-5, weight_decay=0.06,
                      skip_no_weight_decay=False, rrc_scale=(0.8, 1.0), interpolation='random',
-                     repeated_aug=False, eval_crop_pct=0.875),
+                     repeated_aug=False, eval_crop_pct=0.875, lr_epoch_lag=0, mix_first=True),
     ## DeiT / LaPE `main.py`: lr = 5e-4 * global_batch / 512, no decay for model.no_weight_decay() names.
-    ## DeiT's main.py loops over args.epochs only, so its default --cooldown-epochs 10 is never trained.
+    ## Its loop calls lr_scheduler.step(epoch) AFTER epoch e, so epoch e >= 1 trains at lr(e - 1) (lr_epoch_lag 1).
+    ## Each image is erased in the dataset transform, then the batch is mixed in the loop (mix_first False).
+    ## Its main.py loops over args.epochs only, so its default --cooldown-epochs 10 is never trained.
+    ## Evaluation: LaPE's crop ratio 1.0 (the paper's vit/lape DeiT rows are LaPE's numbers); DeiT used 0.875.
     'deit': dict(data='imagenet', epochs=300, cooldown_epochs=0, global_batch_size=1024, lr=5e-4,
                  lr_base_batch=512, warmup_epochs=5, warmup_lr=1e-6, min_lr=1e-5, weight_decay=0.05,
                  skip_no_weight_decay=True, rrc_scale=(0.08, 1.0), interpolation='bicubic',
-                 repeated_aug=True, eval_crop_pct=0.875),
+                 repeated_aug=True, eval_crop_pct=1.0, lr_epoch_lag=1, mix_first=False),
 }
 COMMON_RECIPE = dict(smoothing=0.1, mixup=0.8, cutmix=1.0, reprob=0.25, hflip=0.5, randaug='rand-m9-mstd0.5-inc1')
 RA_REPEATS = 3  # DeiT's RASampler
@@ -81,6 +95,17 @@ CIFAR100_MD5 = 'eb9058c3a382ffc7106e4002c42a8d85'
 ARCH_FLAGS = dict(img_size='img_size', patch_size='patch_size', embed_dim='embed_dim', depth='depth',
                   num_heads='num_heads', mlp_ratio='mlp_ratio', drop_path='drop_path_rate',
                   attn_drop='attn_drop_rate')  # CLI dest -> create_model keyword
+## What identifies a run (never changes on resume) and what a resume may change on purpose (--allow-change).
+IDENTITY = ('model', 'pe', 'model_kwargs', 'data', 'synthetic_size')
+CHANGEABLE = ('epochs', 'cooldown_epochs', 'global_batch_size', 'lr', 'min_lr', 'warmup_epochs', 'warmup_lr',
+              'weight_decay', 'smoothing', 'mixup', 'cutmix', 'reprob', 'hflip', 'randaug', 'random_crop',
+              'rrc_scale', 'repeated_aug', 'eval_crop_pct', 'seed')
+EPOCH_BOUNDARY_ONLY = ('global_batch_size', 'repeated_aug', 'seed')  # they change how an epoch is cut into steps
+RUN_FILES = ('config.json', 'log.jsonl', 'last.pt', 'best.pt')
+
+
+def flag(key):
+    return '--' + key.replace('_', '-')
 
 
 def recipe_name(model):
@@ -96,18 +121,27 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f'error: {message}. See python train.py --help.\n')
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # no "(default: None)": those defaults are the recipe's, in the text
+        return action.help if action.default in (None, False, argparse.SUPPRESS) else super()._get_help_string(action)
+
+
+def recipe_help(key, text=''):
+    values = {r: {**COMMON_RECIPE, **RECIPES[r]}[key] for r in RECIPES}
+    show = lambda v: ' '.join(map(str, v)) if isinstance(v, tuple) else v
+    return f'{text} (default: vit_lite {show(values["vit_lite"])}; deit {show(values["deit"])})'.strip()
+
+
 def build_parser():
     p = Parser(
         description='Train ViT-Lite / DeiT with the PE variants of mpvg.py (MPVG, AAAI 2025). '
                     'Defaults are the paper recipe of --model; every recipe value can be overridden.',
         epilog='Batch size: --global-batch-size is the batch of one optimizer step summed over ALL processes '
-               '(per process = global / WORLD_SIZE; it must divide). Defaults: 128 for vit_lite_7_4 (CIFAR-100), '
-               '1024 for deit_* (ImageNet). DeiT lr = 5e-4 * global_batch / 512 unless --lr is given; ViT-Lite '
-               'lr 6e-4 unscaled. Offline smoke test: python train.py --data synthetic --epochs 2 '
-               '--cooldown-epochs 0 --warmup-epochs 0. SIGTERM/SIGINT: the current step finishes, last.pt is '
-               'written with its position in the epoch, and the run exits 0; --resume auto skips the finished '
-               'steps and continues exactly.',
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+               '(per process = global / WORLD_SIZE; it must divide). DeiT lr = 5e-4 * global_batch / 512 unless '
+               '--lr is given; ViT-Lite lr 6e-4 unscaled. Offline smoke test: python train.py --data synthetic '
+               '--epochs 2 --cooldown-epochs 0 --warmup-epochs 0. SIGTERM/SIGINT: the current step finishes, last.pt '
+               'is written with its position in the epoch, and the run exits 0; --resume auto continues exactly.',
+        formatter_class=HelpFormatter, allow_abbrev=False)
     g = p.add_argument_group('model')
     g.add_argument('--model', default='vit_lite_7_4', choices=sorted(mpvg.MODELS))
     g.add_argument('--pe', default='mpvg', choices=sorted(mpvg.PE_PRESETS), help='PE variant preset')
@@ -120,46 +154,41 @@ def build_parser():
                    help='override the preset: pe_l = LN\'_l(pe_{l-1}) vs LN\'_l(pos_0)')
     g.add_argument('--last-ln-pe', type=int_or_none, default=argparse.SUPPRESS, metavar='K|none',
                    help='override the preset: PE added after the Last LN (0 = pos_0, MPVG) (default: preset)')
-    for flag, typ in [('--img-size', int), ('--patch-size', int), ('--embed-dim', int), ('--depth', int),
+    for name, typ in [('--img-size', int), ('--patch-size', int), ('--embed-dim', int), ('--depth', int),
                       ('--num-heads', int), ('--mlp-ratio', float), ('--drop-path', float), ('--attn-drop', float)]:
-        g.add_argument(flag, type=typ, default=None, help='architecture override (default: the model\'s)')
+        g.add_argument(name, type=typ, default=None, help='architecture override (default: the model\'s)')
     g = p.add_argument_group('data')
     g.add_argument('--data', choices=sorted(DATASETS), default=None,
-                   help='default: cifar100 for vit_lite_7_4, imagenet for deit_*; synthetic = generated, offline')
+                   help='synthetic = generated, offline (default: vit_lite cifar100; deit imagenet)')
     g.add_argument('--data-path', default='./data',
                    help='cifar100: folder holding cifar-100-python/ (downloaded if missing); '
                         'imagenet: folder holding train/ and val/ class folders')
     g.add_argument('--download', action=argparse.BooleanOptionalAction, default=True,
                    help='download CIFAR-100 when it is missing')
     g.add_argument('--synthetic-size', type=int, default=1024, help='train images of --data synthetic (val: 1/4)')
-    g.add_argument('--workers', type=int, default=None, help='data loader processes per rank (default min(8, cpus))')
-    g.add_argument('--device-data', choices=['auto', 'on', 'off'], default='auto',
-                   help='keep the whole uint8 dataset on the device and augment whole batches there (the batched '
-                        'path) instead of per image in CPU workers; auto = on for cifar100 on CUDA. In-memory '
-                        'datasets only (cifar100, synthetic)')
+    g.add_argument('--workers', type=int, default=None,
+                   help='image-folder decoding processes per rank (default: min(8, cpus)); in-memory sets need none')
     g = p.add_argument_group('recipe (default: the paper recipe of --model)')
-    g.add_argument('--epochs', type=int, default=None, help='cosine epochs (300)')
-    g.add_argument('--cooldown-epochs', type=int, default=None, help='epochs at min lr after the cosine (10 / 0)')
+    g.add_argument('--epochs', type=int, default=None, help=recipe_help('epochs', 'cosine epochs'))
+    g.add_argument('--cooldown-epochs', type=int, default=None,
+                   help=recipe_help('cooldown_epochs', 'epochs at min lr after the cosine'))
     g.add_argument('--global-batch-size', type=int, default=None,
-                   help='images per optimizer step summed over all processes (128 / 1024)')
-    g.add_argument('--lr', type=float, default=None, help='peak lr (6e-4 / 5e-4*global_batch/512)')
-    g.add_argument('--min-lr', type=float, default=None)
-    g.add_argument('--warmup-epochs', type=int, default=None)
-    g.add_argument('--warmup-lr', type=float, default=None)
-    g.add_argument('--weight-decay', type=float, default=None)
-    g.add_argument('--smoothing', type=float, default=None, help='label smoothing (0.1)')
-    g.add_argument('--mixup', type=float, default=None, help='MixUp alpha, 0 = off (0.8)')
-    g.add_argument('--cutmix', type=float, default=None, help='CutMix alpha, 0 = off (1.0)')
-    g.add_argument('--reprob', type=float, default=None, help='RandomErasing probability (0.25)')
-    g.add_argument('--hflip', type=float, default=None, help='horizontal flip probability (0.5)')
-    g.add_argument('--randaug', default=None, help="timm RandAugment string or 'none' (rand-m9-mstd0.5-inc1)")
+                   help=recipe_help('global_batch_size', 'images per optimizer step summed over all processes'))
+    g.add_argument('--lr', type=float, default=None, help='peak lr (default: vit_lite 6e-4; deit 5e-4*batch/512)')
+    for key, text in [('min_lr', ''), ('warmup_epochs', ''), ('warmup_lr', ''), ('weight_decay', ''),
+                      ('smoothing', 'label smoothing'), ('mixup', 'MixUp alpha, 0 = off'),
+                      ('cutmix', 'CutMix alpha, 0 = off'), ('reprob', 'RandomErasing probability'),
+                      ('hflip', 'horizontal flip probability')]:
+        g.add_argument(flag(key), type=int if key == 'warmup_epochs' else float, default=None,
+                       help=recipe_help(key, text))
+    g.add_argument('--randaug', default=None, help=recipe_help('randaug', "timm RandAugment string or 'none'"))
     g.add_argument('--random-crop', action=argparse.BooleanOptionalAction, default=True,
                    help='RandomResizedCrop; off = the eval geometry')
-    g.add_argument('--rrc-scale', type=float, nargs=2, default=None, help='(0.8 1) / (0.08 1)')
+    g.add_argument('--rrc-scale', type=float, nargs=2, default=None, help=recipe_help('rrc_scale', 'crop area range'))
     g.add_argument('--repeated-aug', action=argparse.BooleanOptionalAction, default=None,
-                   help='DeiT repeated augmentation, 3 repeats (default: on for deit_*)')
+                   help=recipe_help('repeated_aug', 'DeiT repeated augmentation, 3 repeats'))
     g.add_argument('--eval-crop-pct', type=float, default=None,
-                   help='ImageFolder eval: Resize(int(img/crop_pct)) + CenterCrop(img) (0.875; LaPE used 1.0)')
+                   help=recipe_help('eval_crop_pct', 'image-folder eval: Resize(int(img/pct)) + CenterCrop(img)'))
     g.add_argument('--no-aug', action='store_true',
                    help='switch off every random data augmentation (crop, flip, RandAugment, MixUp/CutMix, '
                         'erasing); label smoothing, drop-path and attention dropout stay as set')
@@ -167,65 +196,201 @@ def build_parser():
     g.add_argument('--output-dir', default=None, help='default runs/<model>_<pe>_<data>_seed<seed>')
     g.add_argument('--seed', type=int, default=0)
     g.add_argument('--resume', default=None, help="checkpoint path, or 'auto' = <output-dir>/last.pt if present")
-    g.add_argument('--eval-only', action='store_true', help='evaluate the --resume checkpoint and exit')
+    g.add_argument('--allow-change', nargs='+', default=[], metavar='FLAG',
+                   help=f'--resume: let these recipe flags differ from the checkpoint on purpose (e.g. epochs); one '
+                        f'of {", ".join(k.replace("_", "-") for k in CHANGEABLE)}')
+    g.add_argument('--overwrite', action='store_true', help='replace the run already in --output-dir')
+    g.add_argument('--eval-only', action='store_true',
+                   help='evaluate the --resume checkpoint with its own model and data settings, and exit')
     g.add_argument('--amp', action=argparse.BooleanOptionalAction, default=True, help='bf16 autocast (CUDA only)')
     g.add_argument('--compile', action='store_true', help='torch.compile the model')
     g.add_argument('--log-interval', type=int, default=20,
-                   help='steps between loss syncs (progress bar, non-finite check, DDP stop check)')
-    g.add_argument('--no-progress', action='store_true', help='no tqdm bar (it is also off when stderr is no tty)')
+                   help='steps between loss syncs (progress line, non-finite check, DDP stop check)')
+    g.add_argument('--no-progress', action='store_true', help='no progress bar or progress lines')
     return p
 
 
+def given_flags(argv):
+    """The dests the user typed (a parse with every default suppressed)."""
+    p = build_parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv)))
+
+
+def fin(v):
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+## Every flag's valid values, in one table, checked on the resolved config before any work:
+## (config key, valid(value, cfg), what is valid).
+CHECKS = [
+    ('epochs', lambda v, c: v >= 1, 'an int >= 1'),
+    ('cooldown_epochs', lambda v, c: v >= 0, 'an int >= 0'),
+    ('warmup_epochs', lambda v, c: 0 <= v <= c['epochs'], lambda c: f'an int in [0, --epochs = {c["epochs"]}]'),
+    ('global_batch_size', lambda v, c: v >= 1, 'an int >= 1'),
+    ('lr', lambda v, c: fin(v) and v > 0, 'a finite number > 0'),
+    ('min_lr', lambda v, c: fin(v) and 0 <= v <= c['lr'], lambda c: f'a number in [0, --lr = {c["lr"]:g}]'),
+    ('warmup_lr', lambda v, c: fin(v) and 0 <= v <= c['lr'], lambda c: f'a number in [0, --lr = {c["lr"]:g}]'),
+    ('weight_decay', lambda v, c: fin(v) and v >= 0, 'a finite number >= 0'),
+    ('smoothing', lambda v, c: fin(v) and 0 <= v < 1, 'a number in [0, 1)'),
+    ('mixup', lambda v, c: fin(v) and v >= 0, 'an alpha >= 0 (0 = off)'),
+    ('cutmix', lambda v, c: fin(v) and v >= 0, 'an alpha >= 0 (0 = off)'),
+    ('reprob', lambda v, c: fin(v) and 0 <= v <= 1, 'a probability in [0, 1]'),
+    ('hflip', lambda v, c: fin(v) and 0 <= v <= 1, 'a probability in [0, 1]'),
+    ('rrc_scale', lambda v, c: all(map(fin, v)) and 0 < v[0] <= v[1] <= 1, 'two numbers 0 < min <= max <= 1'),
+    ('eval_crop_pct', lambda v, c: fin(v) and 0 < v <= 1, 'a fraction in (0, 1]'),
+    ('synthetic_size', lambda v, c: v >= 1, 'an int >= 1'),
+    ('workers', lambda v, c: v is None or 0 <= v <= (os.cpu_count() or 1),
+     f'an int in [0, {os.cpu_count() or 1}] (the CPUs of this machine)'),
+    ('log_interval', lambda v, c: v >= 1, 'an int >= 1'),
+    ('seed', lambda v, c: 0 <= v < 2 ** 63, 'an int in [0, 2**63)'),
+]
+
+
 def resolve_config(args, world_size):
-    """Merge the recipe of --model with the flags; returns a JSON-able dict (saved as config.json)."""
+    """Merge the recipe of --model with the flags and check every value; returns a JSON-able dict (config.json)."""
     rname = recipe_name(args.model)
     recipe = {**RECIPES[rname], **COMMON_RECIPE}
-    cfg = {k: v for k, v in vars(args).items()}
+    cfg = dict(vars(args))
     for k, v in recipe.items():
         if cfg.get(k) is None:
             cfg[k] = v
-    cfg['recipe'] = rname
-    cfg['data'] = args.data or recipe['data']
+    cfg['recipe'], cfg['data'] = rname, args.data or recipe['data']
     if args.no_aug:
         cfg.update(mixup=0.0, cutmix=0.0, reprob=0.0, hflip=0.0, randaug='none', random_crop=False)
     cfg['rrc_scale'] = list(cfg['rrc_scale'])
-    B = cfg['global_batch_size']
-    if B < 1 or B % world_size:
-        raise UserError(f'--global-batch-size {B} is not divisible by the {world_size} processes of this run '
-                        f'(WORLD_SIZE={world_size}); the per-process batch would not be an integer. Pick a '
-                        f'multiple of {world_size}.')
-    cfg['world_size'] = world_size
-    cfg['per_process_batch_size'] = B // world_size
     if args.lr is None and recipe['lr_base_batch']:
-        cfg['lr'] = recipe['lr'] * B / recipe['lr_base_batch']  # DeiT's linear scaling rule
-    cfg['total_epochs'] = cfg['epochs'] + cfg['cooldown_epochs']
-    # what create_model needs besides (name, pe): architecture and PE-knob overrides the user gave
+        cfg['lr'] = recipe['lr'] * cfg['global_batch_size'] / recipe['lr_base_batch']  # DeiT's linear scaling rule
+    bad = [f'{flag(k)} {show_value(cfg[k])} is invalid: must be {what(cfg) if callable(what) else what}'
+           for k, ok, what in CHECKS if not ok(cfg[k], cfg)]
+    if args.lr is None and recipe['lr_base_batch'] and cfg['lr'] < max(cfg['min_lr'], cfg['warmup_lr']):
+        bad.append(f'(--lr was not given: DeiT\'s rule 5e-4 x global batch / 512 makes it {cfg["lr"]:g} for '
+                   f'--global-batch-size {cfg["global_batch_size"]}; give --lr, or a lower --min-lr / --warmup-lr)')
+    try:
+        parse_randaug(cfg['randaug'])
+    except ValueError as e:
+        bad.append(str(e))
+    if bad:
+        raise UserError('; '.join(bad) + '.')
+    B = cfg['global_batch_size']
+    if B % world_size:
+        raise UserError(f'--global-batch-size {B} cannot be split over the {world_size} processes of this run '
+                        f'(WORLD_SIZE={world_size}): pick a multiple of {world_size}.')
+    cfg.update(world_size=world_size, per_process_batch_size=B // world_size,
+               total_epochs=cfg['epochs'] + cfg['cooldown_epochs'])
+    # what create_model needs besides (name, pe): the architecture and PE-knob overrides the user gave
     kw = {'num_classes': DATASETS[cfg['data']]['num_classes']}
-    for dest, key in ARCH_FLAGS.items():
-        if cfg[dest] is not None:
-            kw[key] = cfg[dest]
+    kw.update({key: cfg[dest] for dest, key in ARCH_FLAGS.items() if cfg[dest] is not None})
     for knob in mpvg.PE_KNOBS:
         ## --layerwise-from / --last-ln-pe accept 'none' as a value, so "not given" is their absence (SUPPRESS)
-        given = knob in cfg if knob in ('layerwise_from', 'last_ln_pe') else cfg.get(knob) is not None
-        if given:
+        if (knob in cfg) if knob in ('layerwise_from', 'last_ln_pe') else cfg.get(knob) is not None:
             kw[knob] = cfg[knob]
     cfg['model_kwargs'] = kw
-    cfg['output_dir'] = args.output_dir or os.path.join(
-        'runs', f"{args.model}_{args.pe}_{cfg['data']}_seed{args.seed}")
-    parse_randaug(cfg['randaug'])  # fail early on a bad string
+    try:
+        cfg['img_size_resolved'] = mpvg.make_config(cfg['model'], pe=cfg['pe'], **kw).img_size  # no weights built
+    except ValueError as e:
+        raise UserError(f'invalid model settings (--model {cfg["model"]}, --pe {cfg["pe"]} and the architecture '
+                        f'/ knob flags): {e}')
+    cfg['output_dir'] = args.output_dir or os.path.join('runs', f"{args.model}_{args.pe}_{cfg['data']}_seed{args.seed}")
     return cfg
 
 
+def show_value(v):
+    return ' '.join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
+
+def check_paths(cfg, args):
+    """The data and output paths, before any work: what exists, what is writable."""
+    root = cfg['data_path']
+    if cfg['data'] == 'imagenet':
+        missing = [s for s in ('train', 'val') if not os.path.isdir(os.path.join(root, s))]
+        if missing:
+            raise UserError(f'--data-path {root}: no {" or ".join(missing)} folder there. Expected ImageNet-1K as '
+                            f'ImageFolders {root}/train/<class>/<image> and {root}/val/<class>/<image>; ImageNet '
+                            f'cannot be downloaded automatically: get ILSVRC2012 from https://image-net.org.')
+    if cfg['data'] == 'cifar100' and not cfg['download'] and not os.path.isdir(os.path.join(root, 'cifar-100-python')):
+        raise UserError(f'CIFAR-100 not found at {root}/cifar-100-python and --no-download is set. Get it with: '
+                        f'mkdir -p {root} && curl -L {CIFAR100_URL} | tar xz -C {root}')
+    if args.eval_only:
+        return
+    out = cfg['output_dir']
+    parent = out
+    while not os.path.exists(parent):
+        parent = os.path.dirname(os.path.abspath(parent))
+    if not os.path.isdir(parent):
+        raise UserError(f'--output-dir {out}: {parent} is a file, not a folder.')
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f'--output-dir {out}: {parent} is not writable by this user.')
+
+
+def parse_randaug(s):
+    """'rand-m9-mstd0.5-inc1' -> dict(num_ops=2, magnitude=9.0, magnitude_std=0.5); 'none' -> None."""
+    if s is None or s.lower() == 'none':
+        return None
+    out, inc = dict(num_ops=2, magnitude=10.0, magnitude_std=0.0), False
+    try:
+        parts = s.split('-')
+        if parts[0] != 'rand':
+            raise ValueError
+        for part in parts[1:]:
+            key, value = re.fullmatch(r'([a-z]+)([0-9.]+)', part).groups()
+            if key == 'inc':
+                inc = bool(int(value))
+            else:
+                out[{'m': 'magnitude', 'n': 'num_ops', 'mstd': 'magnitude_std'}[key]] = (int if key == 'n' else
+                                                                                       float)(value)
+    except (ValueError, KeyError, AttributeError):
+        raise ValueError(f"--randaug {s!r} is invalid: must be a timm RandAugment string like "
+                         f"'rand-m9-mstd0.5-inc1' (parts m<magnitude>, n<ops>, mstd<std>, inc1) or 'none'") from None
+    if not inc or not 0 <= out['magnitude'] <= 10 or out['magnitude_std'] < 0:
+        raise ValueError(f"--randaug {s!r} is invalid: only the 'increasing' op set (inc1, the paper's) with "
+                         f"0 <= m <= 10 and mstd >= 0 is implemented")
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# data + augmentation
+# provenance: what made this run
+
+def provenance(argv, world):
+    """Code (git commit, dirty tree, source hashes), command, library versions, hardware of every rank."""
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def git(*a):
+        try:
+            r = subprocess.run(['git', '-C', here, *a], capture_output=True, text=True, timeout=20)
+            return r.stdout.strip() if r.returncode == 0 else None
+        except (OSError, subprocess.SubprocessError):
+            return None
+    commit = git('rev-parse', 'HEAD')
+    sources = {}
+    for name in ('train.py', 'mpvg.py'):
+        with open(os.path.join(here, name), 'rb') as f:
+            sources[name] = hashlib.sha256(f.read()).hexdigest()[:16]
+    cuda = torch.cuda.is_available()
+    me = dict(host=socket.gethostname(), device=torch.cuda.get_device_name() if cuda else platform.processor()
+              or platform.machine())
+    ranks = [me] * world
+    if world > 1:
+        dist.all_gather_object(ranks, me)
+    return dict(command='python train.py ' + shlex.join(argv), git_commit=commit,
+                git_dirty=None if commit is None else bool(git('status', '--porcelain', '--untracked-files=no')),
+                source_sha256=sources, python=platform.python_version(), torch=str(torch.__version__),
+                torchvision=str(torchvision.__version__), cuda=torch.version.cuda if cuda else None,
+                cudnn=torch.backends.cudnn.version() if cuda else None, world_size=world,
+                hosts=sorted({r['host'] for r in ranks}), devices=[r['device'] for r in ranks])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data: datasets, samplers, loaders
 
 def derive_seed(*keys):
     """A 63-bit seed that is a pure function of the keys (seed, epoch, position, ...)."""
     return int.from_bytes(hashlib.blake2b(repr(keys).encode(), digest_size=8).digest(), 'little') >> 1
 
 
-class TensorImages(torch.utils.data.Dataset):
-    """Images held in memory as uint8 (n, 3, H, W) (CIFAR-100, synthetic)."""
+class TensorImages:
+    """Images held in memory as uint8 (n, 3, H, W) with labels (n,) (CIFAR-100, synthetic)."""
 
     def __init__(self, images, labels):
         self.images, self.labels = images, labels
@@ -233,46 +398,36 @@ class TensorImages(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.labels)
 
-    def __getitem__(self, i):
-        return self.images[i], int(self.labels[i])
-
 
 class FolderImages(torch.utils.data.Dataset):
-    """An ImageFolder whose images come out as uint8 (3, H, W) tensors (decoded by PIL, as ImageFolder does)."""
+    """An ImageFolder read as uint8 (3, S, S): what must happen per image, in the DataLoader workers. Keys are
+    (index, seed). Train: decode, then timm's RandomResizedCrop (box and interpolation drawn from the key's seed);
+    eval (and train with --no-random-crop): Resize(int(S / crop_pct)) + CenterCrop(S), bicubic (DeiT)."""
 
-    def __init__(self, root):
+    def __init__(self, root, cfg, train):
         self.folder = torchvision.datasets.ImageFolder(root, loader=lambda path: path)
-        self.classes = self.folder.classes
+        self.classes, self.cfg, self.train = self.folder.classes, cfg, train and cfg['random_crop']
 
     def __len__(self):
         return len(self.folder.samples)
 
-    def __getitem__(self, i):
-        path, label = self.folder.samples[i]
+    def __getitem__(self, key):
+        index, seed = key
+        path, label = self.folder.samples[index]
         try:
             img = F.pil_to_tensor(torchvision.datasets.folder.default_loader(path))  # PIL RGB -> uint8 (3, H, W)
         except (OSError, ValueError, SyntaxError) as e:  # PIL: unidentified, truncated or malformed file
             raise UserError(f'cannot decode image {path} ({type(e).__name__}: {e}); replace or delete that file, '
                             f'then rerun with --resume auto to continue from the last checkpoint') from None
-        return img, label
-
-
-class Augmented(torch.utils.data.Dataset):
-    """Keys are (index, seed): the transform runs with the CPU RNG seeded by `seed`, so an image's augmentation
-    depends only on its key, not on the worker, the rank or what ran before (exact resume)."""
-
-    def __init__(self, base, transform):
-        self.base, self.transform = base, transform
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, key):
-        index, seed = key
-        img, label = self.base[index]
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)
-            return self.transform(img), label
+        S, (H, W) = self.cfg['img_size_resolved'], img.shape[-2:]
+        if self.train:
+            g = torch.Generator().manual_seed(seed)
+            box = rrc_boxes(1, H, W, self.cfg['rrc_scale'], g)
+            bicubic = torch.rand(1, generator=g) < bicubic_share(self.cfg['interpolation'])
+        else:
+            box, bicubic = center_crop_box(H, W, S, self.cfg['eval_crop_pct']), torch.ones(1, dtype=torch.bool)
+        x = resized_crop(img[None].float(), box, S, bicubic, inside_box=self.train)
+        return x[0].to(torch.uint8), label
 
 
 def load_cifar100(root, download, local_rank):
@@ -308,25 +463,23 @@ def load_cifar100(root, download, local_rank):
     return out
 
 
-def load_imagenet(root):
-    how = (f'Expected ImageNet-1K as ImageFolders {root}/train/<class>/<image> and {root}/val/<class>/<image> '
-           f'(val sorted into the same class folders, e.g. with the valprep.sh script of the PyTorch examples). '
-           f'ImageNet cannot be downloaded automatically: get ILSVRC2012 from https://image-net.org and point '
-           f'--data-path at the folder that holds train/ and val/.')
+def load_imagenet(cfg):
+    root, how = cfg['data_path'], 'Expected ImageNet-1K as ImageFolders <data-path>/train/<class>/<image> and ' \
+                                  '<data-path>/val/<class>/<image> (val sorted into the same class folders).'
     out = []
     for split in ('train', 'val'):
         try:
-            out.append(FolderImages(os.path.join(root, split)))
+            out.append(FolderImages(os.path.join(root, split), cfg, train=split == 'train'))
         except Exception as e:  # FileNotFoundError for a missing folder or no images
             raise UserError(f'ImageNet {split} split not usable ({type(e).__name__}: {e}). {how}')
     if out[0].classes != out[1].classes:
         raise UserError(f'{root}/train has {len(out[0].classes)} classes and {root}/val has '
                         f'{len(out[1].classes)} with different names; they must be the same folders. {how}')
-    if len(out[0].classes) != DATASETS['imagenet']['num_classes']:
-        print(f'note: {root} has {len(out[0].classes)} classes, the model gets {DATASETS["imagenet"]["num_classes"]} '
-              f'outputs (ImageNet-1K)', file=sys.stderr)
-        if len(out[0].classes) > DATASETS['imagenet']['num_classes']:
-            raise UserError(f'{root}/train has {len(out[0].classes)} classes, more than ImageNet-1K\'s 1000. {how}')
+    if len(out[0].classes) > DATASETS['imagenet']['num_classes']:
+        raise UserError(f'{root}/train has {len(out[0].classes)} classes, more than ImageNet-1K\'s 1000. {how}')
+    if len(out[0].classes) < DATASETS['imagenet']['num_classes']:
+        print(f'note: {root} has {len(out[0].classes)} classes, the model gets 1000 outputs (ImageNet-1K)',
+              file=sys.stderr)
     return out
 
 
@@ -346,211 +499,20 @@ def make_synthetic(n, img_size, split_seed):
     return TensorImages(images, labels)
 
 
-def load_data(cfg, img_size, local_rank):
+def load_data(cfg, local_rank):
     if cfg['data'] == 'synthetic':
-        n = cfg['synthetic_size']
-        return make_synthetic(n, img_size, 1), make_synthetic(max(1, n // 4), img_size, 2)
+        n, size = cfg['synthetic_size'], cfg['img_size_resolved']
+        return make_synthetic(n, size, 1), make_synthetic(max(1, n // 4), size, 2)
     if cfg['data'] == 'cifar100':
         return load_cifar100(cfg['data_path'], cfg['download'], local_rank)
-    return load_imagenet(cfg['data_path'])
-
-
-## timm `rand-m9-mstd0.5-inc1`, written with torchvision ops on uint8 (3, H, W) tensors (PAPER.md section 4).
-RA_OPS = ('AutoContrast', 'Equalize', 'Invert', 'Rotate', 'PosterizeIncreasing', 'SolarizeIncreasing',
-          'SolarizeAdd', 'ColorIncreasing', 'ContrastIncreasing', 'BrightnessIncreasing', 'SharpnessIncreasing',
-          'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel')
-
-
-def ra_level_to_arg(name, magnitude, sign=1.0):
-    """timm's level functions: magnitude in [0, 10] -> the op argument; sign (+1/-1) is timm's random negation."""
-    level = magnitude / 10.0
-    if name == 'Rotate':
-        return sign * 30.0 * level                      # degrees
-    if name in ('ShearX', 'ShearY'):
-        return sign * 0.3 * level                       # shear factor
-    if name in ('TranslateXRel', 'TranslateYRel'):
-        return sign * 0.45 * level                      # fraction of the image size
-    if name.endswith('Increasing') and name[:-10] in ('Color', 'Contrast', 'Brightness', 'Sharpness'):
-        return max(0.1, 1.0 + sign * 0.9 * level)       # enhance factor
-    if name == 'PosterizeIncreasing':
-        return 4 - int(4 * level)                       # bits kept
-    if name == 'SolarizeIncreasing':
-        return 256 - min(256, int(256 * level))         # threshold
-    if name == 'SolarizeAdd':
-        return min(128, int(110 * level))               # added to pixels below 128
-    return None                                         # AutoContrast, Equalize, Invert take no argument
-
-
-def pil_affine(img, matrix, interpolation, fill):
-    """PIL's Image.transform(size, AFFINE, matrix, resample, fillcolor) on a uint8 (3, H, W) tensor: the output
-    pixel centre (x + 0.5, y + 0.5) samples the input at (a x + b y + c, d x + e y + f) (continuous coordinates,
-    pixel i covers [i, i + 1)); a sample point outside the input gets `fill`, neighbours at the border are clamped.
-    # deviation: torchvision's tensor affine has no bicubic mode, so this is grid_sample with PIL's own matrix;
-    # torch's bicubic kernel uses a = -0.75, PIL's a = -0.5 (small value differences, same geometry)."""
-    C, H, W = img.shape
-    a, b, c, d, e, f = matrix
-    ys, xs = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5, indexing='ij')  # (H, W) output centres
-    u, v = a * xs + b * ys + c, d * xs + e * ys + f                                       # (H, W) input points
-    grid = torch.stack([2 * u / W - 1, 2 * v / H - 1], dim=-1)[None]                     # (1, H, W, 2) in [-1, 1]
-    mode = 'bicubic' if interpolation == InterpolationMode.BICUBIC else 'bilinear'
-    out = nnF.grid_sample(img[None].float(), grid, mode=mode, padding_mode='border', align_corners=False)[0]
-    inside = (u >= 0) & (u < W) & (v >= 0) & (v < H)
-    out = torch.where(inside, out, torch.tensor(fill, dtype=out.dtype)[:, None, None])
-    return out.round_().clamp_(0, 255).to(torch.uint8)
-
-
-def pil_rotate_matrix(degrees, W, H):
-    """The matrix PIL's Image.rotate(degrees) hands to transform: counter-clockwise about (W/2, H/2)."""
-    t = -math.radians(degrees)
-    a, b, d, e = round(math.cos(t), 15), round(math.sin(t), 15), round(-math.sin(t), 15), round(math.cos(t), 15)
-    cx, cy = W / 2.0, H / 2.0
-    return (a, b, a * -cx + b * -cy + cx, d, e, d * -cx + e * -cy + cy)
-
-
-def ra_apply(img, name, arg, fill, interpolation=InterpolationMode.BILINEAR):
-    """One op of timm's RandAugment on a uint8 (3, H, W) tensor; `arg` as returned by ra_level_to_arg and
-    `fill` the dataset mean in 0-255. Colour ops are torchvision's (made to match PIL's ImageOps/ImageEnhance);
-    geometric ops use the PIL matrices of timm's auto_augment.py (about the top-left corner; rotate about the
-    centre)."""
-    H, W = img.shape[-2:]
-    if name == 'AutoContrast':
-        return F.autocontrast(img)
-    if name == 'Equalize':
-        return F.equalize(img)
-    if name == 'Invert':
-        return F.invert(img)
-    if name == 'PosterizeIncreasing':
-        return F.posterize(img, arg) if arg < 8 else img
-    if name == 'SolarizeIncreasing':
-        return F.solarize(img, arg) if arg <= 255 else img  # threshold 256 inverts nothing
-    if name == 'SolarizeAdd':
-        return torch.where(img < 128, (img.to(torch.int16) + arg).clamp(max=255).to(torch.uint8), img)
-    if name == 'ColorIncreasing':
-        return F.adjust_saturation(img, arg)
-    if name == 'ContrastIncreasing':
-        return F.adjust_contrast(img, arg)
-    if name == 'BrightnessIncreasing':
-        return F.adjust_brightness(img, arg)
-    if name == 'SharpnessIncreasing':
-        return F.adjust_sharpness(img, arg)
-    if name == 'Rotate':
-        return pil_affine(img, pil_rotate_matrix(arg, W, H), interpolation, fill)
-    if name == 'ShearX':
-        return pil_affine(img, (1, arg, 0, 0, 1, 0), interpolation, fill)
-    if name == 'ShearY':
-        return pil_affine(img, (1, 0, 0, arg, 1, 0), interpolation, fill)
-    if name == 'TranslateXRel':
-        return pil_affine(img, (1, 0, arg * W, 0, 1, 0), interpolation, fill)
-    if name == 'TranslateYRel':
-        return pil_affine(img, (1, 0, 0, 0, 1, arg * H), interpolation, fill)
-    raise ValueError(f'unknown RandAugment op {name!r}; valid: {RA_OPS}')
-
-
-def parse_randaug(s):
-    """'rand-m9-mstd0.5-inc1' -> dict(num_ops=2, magnitude=9.0, magnitude_std=0.5); 'none' -> None."""
-    if s is None or s.lower() == 'none':
-        return None
-    parts = s.split('-')
-    out = dict(num_ops=2, magnitude=10.0, magnitude_std=0.0)
-    inc = False
-    try:
-        assert parts[0] == 'rand'
-        for part in parts[1:]:
-            if part.startswith('mstd'):
-                out['magnitude_std'] = float(part[4:])
-            elif part.startswith('inc'):
-                inc = bool(int(part[3:]))
-            elif part.startswith('m'):
-                out['magnitude'] = float(part[1:])
-            elif part.startswith('n'):
-                out['num_ops'] = int(part[1:])
-            else:
-                raise ValueError(part)
-    except Exception:
-        raise UserError(f"--randaug {s!r} is not a timm RandAugment string like 'rand-m9-mstd0.5-inc1' "
-                        f"(parts: m<magnitude>, n<ops>, mstd<std>, inc1) or 'none'")
-    if not inc:
-        raise UserError(f"--randaug {s!r}: only the 'increasing' op set (inc1, the paper's) is implemented")
-    return out
-
-
-class RandAugment:
-    """2 ops drawn with replacement from RA_OPS, each applied with p 0.5 at magnitude ~ N(9, 0.5) clipped to
-    [0, 10], random sign. All draws come from torch's CPU RNG (seeded per image by Augmented)."""
-
-    def __init__(self, num_ops=2, magnitude=9.0, magnitude_std=0.5, prob=0.5, fill=(128, 128, 128),
-                 interpolation='random'):
-        self.num_ops, self.magnitude, self.magnitude_std, self.prob = num_ops, magnitude, magnitude_std, prob
-        self.fill = [float(f) for f in fill]
-        self.interpolations = ([InterpolationMode.BILINEAR, InterpolationMode.BICUBIC] if interpolation == 'random'
-                               else [InterpolationMode(interpolation)])
-
-    def __call__(self, img):
-        for _ in range(self.num_ops):
-            name = RA_OPS[int(torch.randint(len(RA_OPS), ()))]
-            if float(torch.rand(())) > self.prob:
-                continue
-            m = self.magnitude + self.magnitude_std * float(torch.randn(())) if self.magnitude_std > 0 else self.magnitude
-            m = min(max(m, 0.0), 10.0)
-            sign = -1.0 if float(torch.rand(())) > 0.5 else 1.0
-            interp = self.interpolations[int(torch.randint(len(self.interpolations), ()))]
-            img = ra_apply(img, name, ra_level_to_arg(name, m, sign), self.fill, interp)
-        return img
-
-
-class Transform:
-    """uint8 (3, H, W) -> normalized float (3, img, img). Train: RandomResizedCrop (bilinear or bicubic at random
-    for ViT-Lite, bicubic for DeiT) -> h-flip -> RandAugment -> normalize -> RandomErasing (timm's order)."""
-
-    def __init__(self, cfg, img_size, mean, std, train, folder):
-        self.img_size, self.mean, self.std, self.folder = img_size, list(mean), list(std), folder
-        self.crop_pct = cfg['eval_crop_pct']
-        self.rrc = self.flip = self.ra = self.erase = None
-        if train:
-            if cfg['random_crop']:
-                modes = (['bilinear', 'bicubic'] if cfg['interpolation'] == 'random' else [cfg['interpolation']])
-                # deviation: crop + resize on uint8 tensors (torchvision, antialias) instead of PIL's resize
-                self.rrc = [v2.RandomResizedCrop(img_size, scale=tuple(cfg['rrc_scale']), ratio=(3 / 4, 4 / 3),
-                                                 interpolation=InterpolationMode(m), antialias=True) for m in modes]
-            if cfg['hflip'] > 0:
-                self.flip = v2.RandomHorizontalFlip(cfg['hflip'])
-            ra = parse_randaug(cfg['randaug'])
-            if ra:
-                fill = tuple(min(255, round(255 * x)) for x in mean)  # timm's img_mean
-                self.ra = RandAugment(**ra, fill=fill, interpolation=cfg['interpolation'])
-            if cfg['reprob'] > 0:
-                self.erase = v2.RandomErasing(cfg['reprob'], scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), value='random')
-
-    def geometry(self, img):
-        """Eval geometry: ImageFolder: Resize(int(img/crop_pct)) + CenterCrop(img), bicubic (DeiT);
-        in-memory sets (CIFAR): unchanged, resized only when the model's img_size differs."""
-        if self.folder:
-            img = F.resize(img, int(self.img_size / self.crop_pct), InterpolationMode.BICUBIC, antialias=True)
-            return F.center_crop(img, [self.img_size, self.img_size])
-        if tuple(img.shape[-2:]) != (self.img_size, self.img_size):
-            img = F.resize(img, [self.img_size, self.img_size], InterpolationMode.BICUBIC, antialias=True)
-        return img
-
-    def __call__(self, img):
-        if self.rrc:
-            img = self.rrc[int(torch.randint(len(self.rrc), ()))](img)
-        else:
-            img = self.geometry(img)
-        if self.flip:
-            img = self.flip(img)
-        if self.ra:
-            img = self.ra(img)
-        x = F.normalize(img.float() / 255.0, self.mean, self.std)
-        if self.erase:
-            x = self.erase(x)
-        return x
+    return load_imagenet(cfg)
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """Yields this rank's keys (index, augmentation seed) for one epoch, from step `start_step` on.
-    Plain: a permutation seeded by (seed, epoch), cut into global batches (last partial one dropped); rank r takes
-    the r-th chunk of every global batch, so 1 process with batch B and k processes with B/k each see the same
-    samples in every step. Repeated augmentation: DeiT's RASampler (see ra_indices)."""
+    """This rank's samples of one epoch, from step `start_step` on: indices (in-memory sets) or keys (index,
+    crop seed) (image folders). Plain: a permutation seeded by (seed, epoch), cut into global batches (last partial
+    one dropped); rank r takes the r-th chunk of every global batch, so 1 process with batch B and k processes with
+    B/k each see the same samples in every step. Repeated augmentation: DeiT's RASampler (see ra_indices)."""
 
     def __init__(self, n, cfg, rank, world):
         self.n, self.seed, self.rank, self.world = n, cfg['seed'], rank, world
@@ -563,27 +525,23 @@ class EpochSampler(torch.utils.data.Sampler):
 
     @property
     def steps(self):
-        if self.repeated:
-            return ra_num_selected(self.n, self.world) // self.b
-        return self.n // self.B
+        return ra_num_selected(self.n, self.world) // self.b if self.repeated else self.n // self.B
 
     def indices(self):
-        """This rank's sample indices for the epoch, steps * per-process batch of them."""
+        """This rank's sample indices for the whole epoch, steps * per-process batch of them."""
         if self.repeated:
             idx = ra_indices(self.n, self.world, self.rank, derive_seed(self.seed, self.epoch))
             return idx[:self.steps * self.b]
         return train_indices(self.n, self.B, self.world, self.rank, derive_seed(self.seed, self.epoch))
 
     def keys(self):
-        idx = self.indices()
-        if self.repeated:
-            ## a copy of an image on another rank must get other augmentations: the rank enters the seed
-            return [(int(i), derive_seed(self.seed, self.epoch, self.rank, p)) for p, i in enumerate(idx)]
         keys = []
-        for p, i in enumerate(idx):
+        for p, i in enumerate(self.indices()):
+            ## a copy of an image on another rank must get another crop: the rank enters the seed; in the plain
+            ## case the position in the global order does, so any world size crops an image alike
             s, j = divmod(p, self.b)
-            gpos = s * self.B + self.rank * self.b + j  # position in the global order: same seed for any world size
-            keys.append((int(i), derive_seed(self.seed, self.epoch, gpos)))
+            where = (self.rank, p) if self.repeated else (s * self.B + self.rank * self.b + j,)
+            keys.append((int(i), derive_seed(self.seed, self.epoch, *where)))
         return keys
 
     def __iter__(self):
@@ -596,10 +554,8 @@ class EpochSampler(torch.utils.data.Sampler):
 def train_indices(n, global_batch, world, rank, perm_seed):
     """This rank's indices for one epoch: rank r gets chunk r of each global batch of the permutation."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(perm_seed))
-    b = global_batch // world
-    steps = n // global_batch
-    perm = perm[:steps * global_batch].view(steps, world, b)  # (steps, world, b)
-    return perm[:, rank].reshape(-1).tolist()
+    b, steps = global_batch // world, n // global_batch
+    return perm[:steps * global_batch].view(steps, world, b)[:, rank].reshape(-1).tolist()  # (steps, world, b)
 
 
 def ra_num_selected(n, world):
@@ -630,30 +586,374 @@ def _worker_init(_):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def make_loader(dataset, sampler, batch_size, workers, device):
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                                       pin_memory=device.type == 'cuda', drop_last=False,
+class MemoryBatches:
+    """Batches (uint8 images, labels) of an in-memory set held on the training device: train: the sampler's
+    indices from its start step on; eval: the given indices."""
+
+    def __init__(self, data, device, batch_size, sampler=None, indices=None):
+        self.images, self.labels = data.images.to(device), data.labels.to(device)
+        self.b, self.sampler, self.indices = batch_size, sampler, indices
+
+    def __iter__(self):
+        s = self.sampler
+        idx = (torch.tensor(self.indices, dtype=torch.long).split(self.b) if s is None else
+               torch.tensor(s.indices(), dtype=torch.long).view(s.steps, s.b)[s.start_step:])  # (steps, b)
+        for i in idx:
+            i = to_device(i, self.images.device)
+            yield self.images[i], self.labels[i]
+
+
+def make_loader(data, cfg, device, sampler=None, indices=None):
+    """This rank's batches of uint8 images and labels, for training (sampler) or evaluation (indices)."""
+    b = cfg['per_process_batch_size']
+    if isinstance(data, TensorImages):
+        return MemoryBatches(data, device, b, sampler, indices)
+    workers = cfg['workers'] if cfg['workers'] is not None else min(8, os.cpu_count() or 1)
+    return torch.utils.data.DataLoader(data, batch_size=b, sampler=sampler or [(i, 0) for i in indices],
+                                       num_workers=workers, pin_memory=device.type == 'cuda',
                                        persistent_workers=workers > 0, worker_init_fn=_worker_init)
 
 
-def make_mix(cfg, num_classes):
-    """MixUp (alpha 0.8) or CutMix (alpha 1.0), 50/50 per batch, as timm's Mixup(prob 1, switch 0.5, 'batch').
-    # deviation: torchvision mixes a batch with batch.roll(1); timm mixes it with batch.flip(0)."""
-    mixes = []
-    if cfg['mixup'] > 0:
-        mixes.append(v2.MixUp(alpha=cfg['mixup'], num_classes=num_classes))
-    if cfg['cutmix'] > 0:
-        mixes.append(v2.CutMix(alpha=cfg['cutmix'], num_classes=num_classes))
-    return v2.RandomChoice(mixes) if len(mixes) > 1 else (mixes[0] if mixes else None)
+# ----------------------------------------------------------------------------------------------------------------
+# augmentation: the recipe's ops, each written once, on whole batches
+
+## Every op works on a batch of float images (B, 3, H, W) holding the uint8 values 0..255 that timm's PIL images
+## hold, with per-image parameters drawn on the CPU from torch's global RNG (the training loop seeds it every step).
+## Drawing on the CPU keeps grouping images by op free of device syncs; the few hundred numbers per batch reach the
+## device through pinned memory. Each op reproduces the arithmetic of Pillow, which timm's transforms call, so
+## tests/test_augment.py can compare it with timm's own op pixel by pixel.
+
+def to_device(t, device):
+    """A small CPU tensor to `device` without stalling the GPU (a copy from pageable memory may wait for the
+    stream to drain, a copy from pinned memory does not)."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == 'cuda' else t.to(device)
 
 
-def soft_targets(x, y, mix, num_classes, smoothing):
-    """-> (x, soft targets): mixed one-hots, then label smoothing y (1 - eps) + eps / K as timm's mixup_target."""
-    if mix is not None:
-        x, t = mix(x, y)
+def cubic(t, a):
+    """The cubic convolution kernel with parameter a (Pillow: a = -0.5 to resize, a = -1 to transform)."""
+    t = t.abs()
+    return torch.where(t < 1, ((a + 2) * t - (a + 3)) * t * t + 1,
+                       torch.where(t < 2, (((t - 5) * t + 8) * t - 4) * a, torch.zeros_like(t)))
+
+
+def triangle(t):
+    return (1 - t.abs()).clamp(min=0)
+
+
+def bicubic_share(interpolation):
+    """Probability that an image is resampled bicubic: 'random' picks bilinear or bicubic per image (timm)."""
+    return {'random': 0.5, 'bicubic': 1.0, 'bilinear': 0.0}[interpolation]
+
+
+def resize_matrix(start, length, n_out, n_in, bicubic, lo, hi):
+    """Pillow's resize along one axis, as a (B, n_out, n_in) matrix of weights: output pixel i of image b averages
+    the input pixels j in [lo, hi) near the centre c = start + (i + 0.5) * length / n_out (the span [start,
+    start + length) stretched over n_out pixels) with weights kernel((j + 0.5 - c) / max(1, scale)), normalized.
+    Shrinking widens the kernel by the scale: that is Pillow's antialiasing. All arguments but n_out, n_in: (B,)."""
+    view = lambda t: t.view(-1, 1, 1)
+    scale = view(length / n_out)                                                           # input pixels per output
+    widen = scale.clamp(min=1)
+    support = torch.where(view(bicubic), 2.0, 1.0) * widen
+    c = view(start) + (torch.arange(n_out, device=start.device, dtype=start.dtype).view(1, -1, 1) + 0.5) * scale
+    j = torch.arange(n_in, device=start.device, dtype=start.dtype).view(1, 1, -1)        # (1, 1, n_in)
+    first = torch.maximum((c - support + 0.5).floor(), view(lo))                         # (B, n_out, 1)
+    last = torch.minimum((c + support + 0.5).floor(), view(hi))
+    t = (j + 0.5 - c) / widen
+    w = torch.where(view(bicubic), cubic(t, -0.5), triangle(t)) * ((j >= first) & (j < last))
+    return w / w.sum(-1, keepdim=True)
+
+
+def resized_crop(x, boxes, size, bicubic, inside_box=True):
+    """Crop each image of x (B, C, H, W) to its box (B, 4) = (top, left, h, w) and resize it to size x size as
+    Pillow does: the horizontal pass, rounded to uint8, then the vertical pass. inside_box: use only pixels inside
+    the box (crop, then resize: RandomResizedCrop); else pixels around it too (resize, then crop: the eval
+    geometry, whose box may have fractional edges). bicubic: (B,) bool, else bilinear."""
+    H, W = x.shape[-2:]
+    top, left, h, w = boxes.to(x.device, torch.float64).unbind(1)
+    bicubic, zero = bicubic.to(x.device), torch.zeros_like(top)
+    Wy = resize_matrix(top, h, size, H, bicubic, top if inside_box else zero, top + h if inside_box else zero + H)
+    Wx = resize_matrix(left, w, size, W, bicubic, left if inside_box else zero, left + w if inside_box else zero + W)
+    x = (x @ Wx.to(x.dtype).mT.unsqueeze(1)).add_(0.5).floor_().clamp_(0, 255)          # (B, C, H, size)
+    return (Wy.to(x.dtype).unsqueeze(1) @ x).add_(0.5).floor_().clamp_(0, 255)            # (B, C, size, size)
+
+
+def sample_boxes(n, height, width, scale, ratio, fits, gen=None):
+    """n boxes by 10 tries each of an area fraction ~ U(scale) and a log-uniform aspect ratio w/h ~ (ratio); the
+    first try that `fits` wins, at a uniform position where the box fits. -> (n, 4) float64 (top, left, h, w) and
+    (n,) bool 'a try fitted' (timm's RandomResizedCrop and RandomErasing draw this way)."""
+    area = height * width * torch.empty(n, 10, dtype=torch.float64).uniform_(*scale, generator=gen)
+    r = torch.exp(torch.empty(n, 10, dtype=torch.float64).uniform_(*map(math.log, ratio), generator=gen))
+    h, w = torch.round(torch.sqrt(area / r)), torch.round(torch.sqrt(area * r))
+    ok = fits(h, w)                                                                        # (n, 10)
+    first = ok.to(torch.uint8).argmax(1, keepdim=True)                                     # the first fitting try
+    h, w = h.gather(1, first)[:, 0], w.gather(1, first)[:, 0]
+    top = torch.floor(torch.rand(n, dtype=torch.float64, generator=gen) * (height - h + 1))
+    left = torch.floor(torch.rand(n, dtype=torch.float64, generator=gen) * (width - w + 1))
+    return torch.stack([top, left, h, w], 1), ok.any(1)
+
+
+def rrc_boxes(n, height, width, scale, gen=None):
+    """timm's RandomResizedCropAndInterpolation.get_params (ratio 3/4..4/3) for n images of one size; when no try
+    fits: the whole image, cut to the nearest allowed aspect ratio, centred."""
+    boxes, ok = sample_boxes(n, height, width, scale, (3 / 4, 4 / 3), lambda h, w: (w <= width) & (h <= height), gen)
+    h, w = height, width
+    if w / h < 3 / 4:
+        h = round(w / (3 / 4))
+    elif w / h > 4 / 3:
+        w = round(h * 4 / 3)
+    whole = torch.tensor([(height - h) // 2, (width - w) // 2, h, w], dtype=torch.float64)
+    return torch.where(ok.view(-1, 1), boxes, whole)
+
+
+def center_crop_box(height, width, size, crop_pct):
+    """torchvision's Resize(int(size / crop_pct)) (the shorter side) + CenterCrop(size), as a box in the image's
+    own coordinates for resized_crop(..., inside_box=False)."""
+    short = int(size / crop_pct)
+    h, w = (short, int(short * width / height)) if height <= width else (int(short * height / width), short)
+    sy, sx = height / h, width / w                                                        # input pixels per pixel
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return torch.tensor([[top * sy, left * sx, size * sy, size * sx]], dtype=torch.float64)
+
+
+def erase_boxes(n, height, width, prob, gen=None):
+    """timm RandomErasing(prob, mode 'pixel', max_count 1): with probability prob, 10 tries of an area fraction
+    U(0.02, 1/3) and an aspect ratio log-uniform in (0.3, 1/0.3); the first box smaller than the image wins.
+    -> (n, 4) (top, left, h, w), h = w = 0 where nothing is erased."""
+    boxes, ok = sample_boxes(n, height, width, (0.02, 1 / 3), (0.3, 1 / 0.3),
+                             lambda h, w: (h < height) & (w < width), gen)
+    return boxes * (ok & (torch.rand(n, generator=gen) < prob)).view(-1, 1)
+
+
+def erase(x, boxes, noise):
+    """Box (top, left, h, w) of each image gets the per-pixel noise."""
+    top, left, h, w = (t.view(-1, 1, 1) for t in boxes.to(x.device).unbind(1))
+    rows = torch.arange(x.shape[-2], device=x.device).view(1, -1, 1)
+    cols = torch.arange(x.shape[-1], device=x.device).view(1, 1, -1)
+    inside = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)          # (B, H, W)
+    return torch.where(inside.unsqueeze(1), noise, x)
+
+
+def pil_transform(x, M, bicubic, fill):
+    """Pillow's Image.transform(size, AFFINE, M, resample, fillcolor) for a batch: output pixel centre (x+.5, y+.5)
+    samples the input at (a x + b y + c, d x + e y + f) (M (B, 6) float64, one matrix per image), written as
+    Pillow's Geometry.c computes it, in float64: bilinear as two lerps a + (b - a) d, bicubic as the cubic
+    polynomial of 4 x 4 neighbours (kernel a = -1); neighbours past the border clamped; truncated to an integer;
+    a point outside the image gets `fill` (C,)."""
+    B, C, H, W = x.shape
+    dev = x.device
+    ys, xs = torch.meshgrid(torch.arange(H, device=dev, dtype=torch.float64) + 0.5,
+                            torch.arange(W, device=dev, dtype=torch.float64) + 0.5, indexing='ij')
+    a, b, c, d, e, f = (m.view(B, 1, 1) for m in M.to(dev).unbind(1))
+    u, v = a * xs + b * ys + c - 0.5, d * xs + e * ys + f - 0.5                         # (B, H, W) input points
+    inside = ((u >= -0.5) & (u < W - 0.5) & (v >= -0.5) & (v < H - 0.5)).unsqueeze(1)
+    u0, v0 = u.floor(), v.floor()
+    du, dv = (u - u0).unsqueeze(1), (v - v0).unsqueeze(1)                                # (B, 1, H, W)
+    flat = x.reshape(B, C, H * W)
+
+    def px(i, j):  # the neighbour (row v0 + i, column u0 + j) of every output pixel, (B, C, H, W) float64
+        k = ((v0 + i).clamp(0, H - 1) * W + (u0 + j).clamp(0, W - 1)).long().view(B, 1, -1).expand(B, C, -1)
+        return flat.gather(2, k).view(B, C, H, W).double()
+
+    lerp = lambda p, q, t: p + (q - p) * t
+    poly = lambda v1, v2, v3, v4, t: v2 + t * ((-v1 + v3) + t * ((2 * (v1 - v2) + v3 - v4) + t * (-v1 + v2 - v3 + v4)))
+    bic = bicubic.to(dev).view(B, 1, 1, 1)
+    out = torch.zeros(B, C, H, W, dtype=torch.float64, device=dev)
+    if not bicubic.all():
+        out = torch.where(bic, out, lerp(lerp(px(0, 0), px(0, 1), du), lerp(px(1, 0), px(1, 1), du), dv))
+    if bicubic.any():
+        rows = [poly(*(px(i, j) for j in (-1, 0, 1, 2)), du) for i in (-1, 0, 1, 2)]
+        out = torch.where(bic, poly(*rows, dv), out)
+    return torch.where(inside, out.clamp(0, 255).trunc().to(x.dtype), fill.view(1, -1, 1, 1))
+
+
+def gray(x):
+    """Pillow's convert('L'): (R 19595 + G 38470 + B 7471 + 2^15) >> 16 -> (B, 1, H, W)."""
+    r, g, b = x.unbind(1)
+    return torch.floor((r * 19595 + g * 38470 + b * 7471 + 32768) / 65536).unsqueeze(1)
+
+
+def blend(degenerate, x, factor):
+    """Pillow's ImageEnhance: Image.blend(degenerate, x, factor) = degenerate + factor (x - degenerate), clipped
+    and truncated to uint8."""
+    return (degenerate + factor * (x - degenerate)).clamp_(0, 255).trunc_()
+
+
+def smooth(x):
+    """Pillow's ImageFilter.SMOOTH: 3x3 kernel (1s around a 5) / 13, rounded; border pixels kept."""
+    C, out = x.shape[1], x.clone()
+    kernel = x.new_tensor([[1, 1, 1], [1, 5, 1], [1, 1, 1]]).expand(C, 1, 3, 3)
+    out[..., 1:-1, 1:-1] = (nnF.conv2d(x, kernel, groups=C) / 13 + 0.5).floor()              # (B, C, H-2, W-2)
+    return out
+
+
+def autocontrast(x):
+    """Pillow's ImageOps.autocontrast: per channel, int(v * 255 / (hi - lo) - lo * 255 / (hi - lo)) (in float64,
+    as Pillow computes it in Python); a flat channel is kept."""
+    x64 = x.double()
+    lo, hi = x64.amin((-2, -1), keepdim=True), x64.amax((-2, -1), keepdim=True)
+    scale = hi.new_tensor(255.0) / (hi - lo).clamp(min=1)   # a true division (255 / t would be 255 * (1 / t))
+    return torch.where(hi > lo, (x64 * scale - lo * scale).clamp(0, 255).trunc(), x64).to(x.dtype)
+
+
+## timm `rand-m9-mstd0.5-inc1` (PAPER.md section 4): the 15 ops, and how a magnitude in [0, 10] becomes the op's
+## argument (level = magnitude / 10; `sign` is timm's random negation, +-1).
+RA_OPS = ('AutoContrast', 'Equalize', 'Invert', 'Rotate', 'PosterizeIncreasing', 'SolarizeIncreasing',
+          'SolarizeAdd', 'ColorIncreasing', 'ContrastIncreasing', 'BrightnessIncreasing', 'SharpnessIncreasing',
+          'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel')
+RA_LEVEL_TO_ARG = {
+    'Rotate': lambda lv, s: s * 30 * lv,                        # degrees
+    'ShearX': lambda lv, s: s * 0.3 * lv, 'ShearY': lambda lv, s: s * 0.3 * lv,
+    'TranslateXRel': lambda lv, s: s * 0.45 * lv, 'TranslateYRel': lambda lv, s: s * 0.45 * lv,  # of the size
+    'PosterizeIncreasing': lambda lv, s: 4 - (4 * lv).floor(),  # bits kept
+    'SolarizeIncreasing': lambda lv, s: 256 - (256 * lv).floor(),  # threshold
+    'SolarizeAdd': lambda lv, s: (110 * lv).floor(),            # added to pixels below 128
+    **{f'{n}Increasing': lambda lv, s: (1 + s * 0.9 * lv).clamp(min=0.1)  # enhance factor
+       for n in ('Color', 'Contrast', 'Brightness', 'Sharpness')},
+}
+## op(images, argument (b,) float64, bicubic (b,), fill (C,)) -> images, Pillow's arithmetic (timm auto_augment.py);
+## the enhance factors in float32, as Pillow's C code takes them
+f32 = lambda a: a.float().view(-1, 1, 1, 1)
+RA_APPLY = {
+    'AutoContrast': lambda x, a, bic, fill: autocontrast(x),
+    'Equalize': lambda x, a, bic, fill: F.equalize(x.to(torch.uint8)).to(x.dtype),  # ImageOps.equalize's histogram
+    'Invert': lambda x, a, bic, fill: 255 - x,
+    # deviation: 0 bits (magnitude 10, ~1 in 40 draws) gives a black image, as Pillow did; Pillow >= 11 refuses it
+    'PosterizeIncreasing': lambda x, a, bic, fill: torch.floor(x / 2 ** (8 - f32(a))) * 2 ** (8 - f32(a)),
+    'SolarizeIncreasing': lambda x, a, bic, fill: torch.where(x >= f32(a), 255 - x, x),
+    'SolarizeAdd': lambda x, a, bic, fill: torch.where(x < 128, (x + f32(a)).clamp(max=255), x),
+    'ColorIncreasing': lambda x, a, bic, fill: blend(gray(x), x, f32(a)),
+    'ContrastIncreasing': lambda x, a, bic, fill: blend(
+        torch.floor(gray(x).double().mean((-3, -2, -1), keepdim=True) + 0.5).to(x.dtype), x, f32(a)),
+    'BrightnessIncreasing': lambda x, a, bic, fill: blend(torch.zeros_like(x), x, f32(a)),
+    'SharpnessIncreasing': lambda x, a, bic, fill: blend(smooth(x), x, f32(a)),
+    **{name: (lambda x, a, bic, fill, name=name: pil_transform(x, affine_matrices(name, a, *x.shape[-2:]), bic, fill))
+       for name in ('Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel')},
+}
+
+
+def affine_matrices(name, arg, H, W):
+    """(B, 6) Pillow matrices of timm's geometric ops for arguments (B,) float64: shear and translate about the
+    top-left corner, Image.rotate about the centre (W/2, H/2), counter-clockwise."""
+    one, zero = torch.ones_like(arg), torch.zeros_like(arg)
+    if name == 'Rotate':
+        t = -torch.deg2rad(arg)
+        cos, sin, cx, cy = torch.cos(t), torch.sin(t), W / 2.0, H / 2.0
+        rows = (cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy)
     else:
-        t = nnF.one_hot(y, num_classes).float()
-    return x, t * (1.0 - smoothing) + smoothing / num_classes
+        rows = {'ShearX': (one, arg, zero, zero, one, zero), 'ShearY': (one, zero, zero, arg, one, zero),
+                'TranslateXRel': (one, zero, arg * W, zero, one, zero),
+                'TranslateYRel': (one, zero, zero, zero, one, arg * H)}[name]
+    return torch.stack(rows, 1)
+
+
+def draw_randaug(n, ra, bicubic_p):
+    """RandAugment's draws for n images, one (op, arg, bicubic) triple of (n,) tensors per layer: op uniform over
+    RA_OPS with replacement, -1 (skipped) with probability 1 - 0.5; magnitude ~ N(m, std) clipped to [0, 10];
+    the sign +-1 at random; the interpolation of the geometric ops (bilinear or bicubic, timm's choice)."""
+    draws = []
+    for _ in range(ra['num_ops']):
+        op = torch.where(torch.rand(n) <= 0.5, torch.randint(len(RA_OPS), (n,)), -1)
+        level = (ra['magnitude'] + ra['magnitude_std'] * torch.randn(n, dtype=torch.float64)).clamp(0, 10) / 10
+        sign = torch.where(torch.rand(n) > 0.5, -1.0, 1.0).double()
+        arg = torch.zeros(n, dtype=torch.float64)
+        for k, name in enumerate(RA_OPS):
+            if name in RA_LEVEL_TO_ARG:
+                arg = torch.where(op == k, RA_LEVEL_TO_ARG[name](level, sign), arg)
+        draws.append((op, arg, torch.rand(n) < bicubic_p))
+    return draws
+
+
+def randaugment_layer(x, op, arg, bicubic, fill):
+    """One RandAugment layer: image i gets op RA_OPS[op[i]] (none if -1) with argument arg[i]; each op runs once,
+    on the images that drew it. op, arg, bicubic: (B,) CPU tensors."""
+    out = x.clone()
+    for k, name in enumerate(RA_OPS):
+        sel = (op == k).nonzero().squeeze(1)
+        if sel.numel():
+            i = to_device(sel, x.device)
+            out[i] = RA_APPLY[name](x[i], to_device(arg[sel], x.device), bicubic[sel], fill)
+    return out
+
+
+def mix(x, y, cfg, num_classes, rint):
+    """timm's Mixup(mixup_alpha, cutmix_alpha, prob 1, switch 0.5, mode 'batch', correct_lam) and mixup_target:
+    one lambda ~ Beta(alpha, alpha) per batch, MixUp or CutMix 50/50 when both are on; image i is mixed with image
+    B-1-i (timm's x.flip(0): repeated augmentation puts the copies of an image next to each other, so a neighbour
+    would often be a copy of itself). CutMix: a box of side sqrt(1 - lambda) of the image's at a uniform centre,
+    clipped, and lambda corrected to the area kept (timm 0.3.2 / 0.4.12's box, the official code's). rint: round
+    the mixed pixels (ViT-Lite: timm's collate mixes uint8 images). Returns (x, soft targets, label smoothed)."""
+    lam, cut = 1.0, False
+    if cfg['mixup'] > 0 or cfg['cutmix'] > 0:
+        cut = cfg['cutmix'] > 0 and (cfg['mixup'] == 0 or float(torch.rand(())) < 0.5)
+        alpha = cfg['cutmix'] if cut else cfg['mixup']
+        lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    if cut:
+        H, W = x.shape[-2:]
+        ch, cw = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
+        cy, cx = int(torch.randint(H, ())), int(torch.randint(W, ()))
+        yl, yh, xl, xh = max(cy - ch // 2, 0), min(cy + ch // 2, H), max(cx - cw // 2, 0), min(cx + cw // 2, W)
+        x = x.clone()
+        x[..., yl:yh, xl:xh] = x.flip(0)[..., yl:yh, xl:xh]
+        lam = 1 - (yh - yl) * (xh - xl) / (H * W)
+    elif lam < 1:
+        x = x * lam + x.flip(0) * (1 - lam)
+        x = x.round() if rint else x
+    off = cfg['smoothing'] / num_classes
+    t = nnF.one_hot(y, num_classes).float() * (1 - cfg['smoothing']) + off
+    return x, t * lam + t.flip(0) * (1 - lam)
+
+
+class Augment:
+    """The recipe's augmentation of a batch of uint8 images (B, 3, H, W) -> (normalized float (B, 3, S, S), soft
+    targets (B, K)), in timm's order:
+        [RandomResizedCrop: in-memory sets; image folders are cropped in the loader] -> h-flip -> RandAugment ->
+        ViT-Lite (timm's prefetching loader): MixUp/CutMix on the uint8 batch -> normalize -> RandomErasing
+        DeiT (per-image transform, then Mixup in the loop): normalize -> RandomErasing -> MixUp/CutMix.
+    eval(x): the eval geometry of in-memory sets (resize only when the model's size differs) and normalize."""
+
+    def __init__(self, cfg, mean, std, num_classes, crop):
+        self.cfg, self.K, self.S = cfg, num_classes, cfg['img_size_resolved']
+        self.crop = crop and cfg['random_crop']
+        self.ra = parse_randaug(cfg['randaug'])
+        self.bicubic_p = bicubic_share(cfg['interpolation'])
+        self.mean, self.std = (torch.tensor(v).view(1, -1, 1, 1) for v in (mean, std))
+        self.fill = torch.tensor([min(255, round(255 * m)) for m in mean], dtype=torch.float32)  # timm's img_mean
+
+    def normalize(self, x):
+        return (x / 255.0 - self.mean.to(x.device)) / self.std.to(x.device)
+
+    def geometry(self, x):
+        """In-memory sets' eval geometry: the image as it is, resized (bicubic) only when the model's size differs."""
+        if tuple(x.shape[-2:]) == (self.S, self.S):
+            return x
+        box = torch.tensor([[0.0, 0.0, *x.shape[-2:]]], dtype=torch.float64).expand(len(x), 4)
+        return resized_crop(x, box, self.S, torch.ones(len(x), dtype=torch.bool))
+
+    def eval(self, x):
+        return self.normalize(self.geometry(x.float()))
+
+    def __call__(self, x, y):
+        B, cfg, dev = len(x), self.cfg, x.device
+        x = x.float()
+        if self.crop:
+            boxes = rrc_boxes(B, *x.shape[-2:], cfg['rrc_scale'])
+            x = resized_crop(x, boxes, self.S, torch.rand(B) < self.bicubic_p)
+        else:
+            x = self.geometry(x)
+        if cfg['hflip'] > 0:
+            x = torch.where(to_device(torch.rand(B) < cfg['hflip'], dev).view(-1, 1, 1, 1), x.flip(-1), x)
+        if self.ra:
+            fill = self.fill.to(dev)
+            for op, arg, bicubic in draw_randaug(B, self.ra, self.bicubic_p):
+                x = randaugment_layer(x, op, arg, bicubic, fill)
+        if cfg['mix_first']:
+            x, target = mix(x, y, cfg, self.K, rint=True)
+        x = self.normalize(x)
+        if cfg['reprob'] > 0:
+            x = erase(x, erase_boxes(B, self.S, self.S, cfg['reprob']), torch.randn(x.shape, device=dev))
+        if not cfg['mix_first']:
+            x, target = mix(x, y, cfg, self.K, rint=False)
+        return x, target
 
 
 def soft_cross_entropy(logits, target):
@@ -662,305 +962,20 @@ def soft_cross_entropy(logits, target):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# data on the device: CIFAR as one uint8 tensor, the recipe's augmentation on whole batches
-
-## ViT-Lite-7/4 costs ~1.5 GFLOP per training image, so one GPU trains on tens of thousands of CIFAR images per
-## second, while per-image augmentation in CPU workers delivers a few thousand. Here the whole split lives on the
-## device and each op of Transform runs once per batch with per-image random parameters (tensors of shape (B,)),
-## in the same order: RandomResizedCrop -> h-flip -> RandAugment -> normalize -> RandomErasing (MixUp/CutMix act
-## on batches in both paths). tests/test_device_data.py checks every batched op against the per-image op it
-## replaces. The random draws are made on the CPU (a few hundred numbers per batch), so grouping the images by op
-## never waits for the GPU; they reach the device through pinned memory, which keeps the copies asynchronous.
-
-def to_device(t, device):
-    """A small CPU tensor to `device` without stalling the GPU: a copy from pageable memory may wait for the
-    stream to drain, a copy from pinned memory does not."""
-    return t.pin_memory().to(device, non_blocking=True) if device.type == 'cuda' else t.to(device)
-
-
-def batched_grid_sample(x, u, v, bicubic, fill=None):
-    """Sample float images x (B, C, H, W) at continuous input points (u, v) (B, Ho, Wo) (pixel i covers
-    [i, i + 1)), bilinear or bicubic per image; neighbours at the border are clamped; a point outside the image
-    gets `fill` (C,) when given. Rounded back to 0..255, as the per-image ops do when they return uint8.
-    bicubic: (B,) bool on the CPU (deciding whether to run bicubic at all must not wait for the device)."""
-    B, C, H, W = x.shape
-    grid = torch.stack([2 * u / W - 1, 2 * v / H - 1], dim=-1)                           # (B, Ho, Wo, 2) in [-1, 1]
-    out = nnF.grid_sample(x, grid, mode='bilinear', padding_mode='border', align_corners=False)
-    if bicubic.any():
-        cubic = nnF.grid_sample(x, grid, mode='bicubic', padding_mode='border', align_corners=False)
-        out = torch.where(to_device(bicubic, x.device).view(-1, 1, 1, 1), cubic, out)
-    if fill is not None:
-        inside = (u >= 0) & (u < W) & (v >= 0) & (v < H)
-        out = torch.where(inside.unsqueeze(1), out, fill.view(1, -1, 1, 1))
-    return out.round_().clamp_(0, 255)
-
-
-def batched_pil_affine(x, M, bicubic, fill):
-    """pil_affine for a batch: M (B, 6) holds each image's PIL matrix (a, b, c, d, e, f)."""
-    B, C, H, W = x.shape
-    ys, xs = torch.meshgrid(torch.arange(H, device=x.device) + 0.5, torch.arange(W, device=x.device) + 0.5,
-                            indexing='ij')                                                 # (H, W) output centres
-    a, b, c, d, e, f = (m.view(B, 1, 1) for m in M.unbind(1))
-    return batched_grid_sample(x, a * xs + b * ys + c, d * xs + e * ys + f, bicubic, fill)  # (B, H, W) input points
-
-
-def batched_resized_crop(x, boxes, size, bicubic):
-    """F.resized_crop(img, top, left, h, w, [size, size]) for a batch; boxes (B, 4) = (top, left, h, w).
-    The output pixel centre u + 0.5 samples the input at left + (u + 0.5) w / size; clamping that point to the
-    box's outer pixel centres is exactly crop-then-resize for bilinear.
-    # deviation: bicubic here is grid_sample's kernel (a = -0.75), while the per-image antialiased resize uses
-    # PIL's (a = -0.5), a few levels apart; and the box's two outer rows/columns see pixels beyond its edge."""
-    top, left, h, w = (t.to(x.dtype).view(-1, 1, 1) for t in boxes.unbind(1))
-    r = torch.arange(size, device=x.device, dtype=x.dtype) + 0.5
-    u = (left + r.view(1, 1, -1) * w / size).clamp(left + 0.5, left + w - 0.5).expand(-1, size, size)
-    v = (top + r.view(1, -1, 1) * h / size).clamp(top + 0.5, top + h - 0.5).expand(-1, size, size)
-    return batched_grid_sample(x, u, v, bicubic)
-
-
-def sample_boxes(n, height, width, scale, ratio, gen, fits):
-    """torchvision's RandomResizedCrop / RandomErasing get_params for n images at once: 10 tries of an area
-    fraction ~ U(scale) and a log-uniform aspect ratio, the first try that `fits` wins; (n, 4) = (top, left, h, w)
-    and a (n,) bool 'a try fitted'. The position is uniform over the places where the box fits."""
-    dev = gen.device
-    area = height * width * torch.empty(n, 10, device=dev).uniform_(*scale, generator=gen)
-    ratio_ = torch.exp(torch.empty(n, 10, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=gen))
-    hw = (torch.round(torch.sqrt(area / ratio_)), torch.round(torch.sqrt(area * ratio_)))
-    ok = fits(*hw)                                                                        # (n, 10)
-    first = ok.to(torch.uint8).argmax(1, keepdim=True)                                    # first fitting try
-    h, w = (t.gather(1, first).squeeze(1) for t in hw)
-    top = torch.floor(torch.rand(n, device=dev, generator=gen) * (height - h + 1))
-    left = torch.floor(torch.rand(n, device=dev, generator=gen) * (width - w + 1))
-    return torch.stack([top, left, h, w], 1).long(), ok.any(1)
-
-
-def batched_rrc_boxes(n, height, width, scale, gen):
-    """RandomResizedCrop boxes; when no try fits, torchvision's fallback: the centre crop, ratio clamped to
-    (3/4, 4/3) (for a square image: the whole image)."""
-    boxes, ok = sample_boxes(n, height, width, scale, (3 / 4, 4 / 3), gen,
-                             lambda h, w: (w > 0) & (w <= width) & (h > 0) & (h <= height))
-    side = min(height, width)  # deviation: the fallback assumes an image with aspect ratio within (3/4, 4/3)
-    whole = boxes.new_tensor([(height - side) // 2, (width - side) // 2, side, side])
-    return torch.where(ok.view(-1, 1), boxes, whole)
-
-
-def batched_erasing_boxes(n, height, width, prob, gen):
-    """RandomErasing(p, scale (0.02, 1/3), ratio (0.3, 1/0.3)) boxes; h = w = 0 where nothing is erased."""
-    boxes, ok = sample_boxes(n, height, width, (0.02, 1 / 3), (0.3, 1 / 0.3), gen,
-                             lambda h, w: (h < height) & (w < width))
-    erase = ok & (torch.rand(n, device=gen.device, generator=gen) < prob)
-    return boxes * erase.view(-1, 1)
-
-
-def batched_erase(x, boxes, noise):
-    """F.erase(img, top, left, h, w, noise) for a batch: box (top, left, h, w) of each image gets `noise`."""
-    top, left, h, w = (t.view(-1, 1, 1) for t in boxes.unbind(1))
-    rows = torch.arange(x.shape[-2], device=x.device).view(1, -1, 1)
-    cols = torch.arange(x.shape[-1], device=x.device).view(1, 1, -1)
-    inside = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)         # (B, H, W)
-    return torch.where(inside.unsqueeze(1), noise, x)
-
-
-def _gray(x):
-    """torchvision's rgb_to_grayscale of uint8 images, floored: (B, 3, H, W) -> (B, 1, H, W)."""
-    r, g, b = x.unbind(1)
-    return (0.2989 * r + 0.587 * g + 0.114 * b).floor_().unsqueeze(1)
-
-
-def _blend(x, other, factor):
-    """torchvision's _blend for uint8 images with a per-image factor (B, 1, 1, 1); .to(uint8) truncates."""
-    return (x * factor + other * (1 - factor)).clamp_(0, 255).trunc_()
-
-
-def _sharpness(x, factor):
-    """torchvision's adjust_sharpness: blend with a 3x3 smoothing (1s around a 5, / 13); border pixels kept."""
-    C = x.shape[1]
-    kernel = x.new_tensor([[1, 1, 1], [1, 5, 1], [1, 1, 1]]) / 13
-    blurred = nnF.conv2d(x, kernel.expand(C, 1, 3, 3), groups=C).round_()                 # (B, C, H-2, W-2)
-    out = x.clone()
-    inner = out[..., 1:-1, 1:-1]
-    inner.copy_((inner * factor + blurred * (1 - factor)).clamp_(0, 255).trunc_())
-    return out
-
-
-def _autocontrast(x):
-    """torchvision's autocontrast: stretch each channel of each image to 0..255."""
-    lo, hi = x.amin(dim=(-2, -1), keepdim=True), x.amax(dim=(-2, -1), keepdim=True)
-    flat = hi == lo
-    scale = torch.where(flat, 1.0, (hi - lo) * (1.0 / 255))
-    return ((x - torch.where(flat, 0.0, lo)) / scale).clamp_(0, 255).trunc_()
-
-
-## one batched function per op of ra_apply: (images (b, 3, H, W), op argument (b, 1, 1, 1)) -> images
-BATCHED_COLOR_OPS = {
-    'AutoContrast': lambda x, a: _autocontrast(x),
-    'Equalize': lambda x, a: F.equalize(x.to(torch.uint8)).to(x.dtype),  # torchvision's already works per image
-    'Invert': lambda x, a: 255 - x,
-    'PosterizeIncreasing': lambda x, a: torch.floor(x / 2 ** (8 - a)) * 2 ** (8 - a),   # keep the top `a` bits
-    'SolarizeIncreasing': lambda x, a: torch.where(x >= a, 255 - x, x),
-    'SolarizeAdd': lambda x, a: torch.where(x < 128, (x + a).clamp(max=255), x),
-    'ColorIncreasing': lambda x, a: _blend(x, _gray(x), a),
-    'ContrastIncreasing': lambda x, a: _blend(x, _gray(x).mean(dim=(-3, -2, -1), keepdim=True), a),
-    'BrightnessIncreasing': lambda x, a: _blend(x, torch.zeros_like(x), a),
-    'SharpnessIncreasing': _sharpness,
-}
-
-
-def batched_level_to_arg(op, magnitude, sign):
-    """ra_level_to_arg for per-image tensors (B,): op index into RA_OPS, magnitude in [0, 10], sign +-1."""
-    level, k = magnitude / 10.0, {name: i for i, name in enumerate(RA_OPS)}
-    cases = [(('Rotate',), sign * 30.0 * level),
-             (('ShearX', 'ShearY'), sign * 0.3 * level),
-             (('TranslateXRel', 'TranslateYRel'), sign * 0.45 * level),
-             (('ColorIncreasing', 'ContrastIncreasing', 'BrightnessIncreasing', 'SharpnessIncreasing'),
-              (1.0 + sign * 0.9 * level).clamp(min=0.1)),
-             (('PosterizeIncreasing',), 4 - torch.floor(4 * level)),
-             (('SolarizeIncreasing',), 256 - torch.floor(256 * level).clamp(max=256)),
-             (('SolarizeAdd',), torch.floor(110 * level).clamp(max=128))]
-    arg = torch.zeros_like(level)
-    for names, value in cases:
-        arg = torch.where(torch.isin(op, torch.tensor([k[n] for n in names])), value, arg)
-    return arg
-
-
-def batched_pil_matrices(op, arg, H, W):
-    """(B, 6) PIL matrices (a, b, c, d, e, f) of the geometric ops, as in ra_apply, for per-image op indices
-    `op` and arguments `arg` (B,); identity for the other ops."""
-    k = {name: i for i, name in enumerate(RA_OPS)}
-    one, zero = torch.ones_like(arg), torch.zeros_like(arg)
-    t = -torch.deg2rad(arg)
-    cos, sin, cx, cy = torch.cos(t), torch.sin(t), W / 2.0, H / 2.0
-    cases = {'Rotate': (cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy),  # pil_rotate_matrix
-             'ShearX': (one, arg, zero, zero, one, zero), 'ShearY': (one, zero, zero, arg, one, zero),
-             'TranslateXRel': (one, zero, arg * W, zero, one, zero),
-             'TranslateYRel': (one, zero, zero, zero, one, arg * H)}
-    M = torch.stack((one, zero, zero, zero, one, zero), 1)
-    for name, row in cases.items():
-        M = torch.where((op == k[name]).view(-1, 1), torch.stack(row, 1), M)
-    return M
-
-
-GEOMETRIC_OPS = ('Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel')
-
-
-def batched_randaugment_op(x, op, arg, bicubic, fill):
-    """ra_apply for a batch on any device: image i gets op RA_OPS[op[i]] (-1: none) with argument arg[i].
-    op, arg, bicubic: (B,) CPU tensors (the draws), so grouping the images by op needs no device sync;
-    each op runs once, on the images that drew it."""
-    out = x.clone()
-    geo = torch.isin(op, torch.tensor([RA_OPS.index(n) for n in GEOMETRIC_OPS])).nonzero().squeeze(1)
-    if geo.numel():
-        M = batched_pil_matrices(op[geo], arg[geo], *x.shape[-2:])
-        i = to_device(geo, x.device)
-        out[i] = batched_pil_affine(x[i], to_device(M, x.device), bicubic[geo], fill)
-    for name, fn in BATCHED_COLOR_OPS.items():
-        sel = (op == RA_OPS.index(name)).nonzero().squeeze(1)
-        if sel.numel():
-            i = to_device(sel, x.device)
-            out[i] = fn(x[i], to_device(arg[sel].view(-1, 1, 1, 1), x.device))
-    return out
-
-
-class BatchedTransform:
-    """Transform(train=True) for whole uint8 batches (B, 3, H, W) on any device: the same ops, order and
-    distributions, each image with its own draws. The draws come from the CPU generator `gen` (a few hundred
-    numbers per batch, and no device sync to group images by op); the erasing noise from `noise_gen`, a
-    generator on the batch's device."""
-
-    def __init__(self, transform, cfg):
-        self.t = transform  # the per-image Transform: img_size, mean/std and which ops are on
-        self.crop_scale = cfg['rrc_scale'] if transform.rrc else None
-        self.bicubic_p = {'random': 0.5, 'bicubic': 1.0}.get(cfg['interpolation'], 0.0)  # Transform.rrc's modes
-        self.hflip = cfg['hflip'] if transform.flip else 0.0
-        self.reprob = cfg['reprob'] if transform.erase else 0.0
-        self.mean, self.std = (torch.tensor(v).view(1, -1, 1, 1) for v in (transform.mean, transform.std))
-        self.fill = torch.tensor(transform.ra.fill) if transform.ra else None
-        if transform.ra:  # RandAugment's geometric ops pick one of its interpolations at random
-            modes = transform.ra.interpolations
-            self.ra_bicubic_p = sum(m == InterpolationMode.BICUBIC for m in modes) / len(modes)
-
-    def draw_randaug(self, B, gen):
-        """RandAugment's draws for B images, one (op, arg, bicubic) triple of (B,) tensors per op slot:
-        op uniform over RA_OPS with replacement, -1 (skipped) with prob 1 - p; magnitude ~ N(m, std) clipped
-        to [0, 10]; random sign; the interpolation of the geometric ops at random from RandAugment's."""
-        ra, draws = self.t.ra, []
-        for _ in range(ra.num_ops):
-            op = torch.randint(len(RA_OPS), (B,), generator=gen)
-            op = torch.where(torch.rand(B, generator=gen) <= ra.prob, op, -1)
-            m = (ra.magnitude + ra.magnitude_std * torch.randn(B, generator=gen)).clamp(0, 10)
-            sign = torch.where(torch.rand(B, generator=gen) > 0.5, -1.0, 1.0)
-            bicubic = torch.rand(B, generator=gen) < self.ra_bicubic_p
-            draws.append((op, batched_level_to_arg(op, m, sign), bicubic))
-        return draws
-
-    def __call__(self, img, gen, noise_gen):
-        B, dev = img.shape[0], img.device
-        rand = lambda: torch.rand(B, generator=gen)
-        to_dev = lambda t: to_device(t, dev)
-        x = img.float()
-        if self.crop_scale is not None:
-            boxes = batched_rrc_boxes(B, *x.shape[-2:], self.crop_scale, gen)
-            x = batched_resized_crop(x, to_dev(boxes), self.t.img_size, rand() < self.bicubic_p)
-        elif tuple(x.shape[-2:]) != (self.t.img_size,) * 2:
-            x = self.t.geometry(x.to(torch.uint8)).float()
-        if self.hflip > 0:
-            x = torch.where(to_dev(rand() < self.hflip).view(-1, 1, 1, 1), x.flip(-1), x)
-        if self.t.ra:
-            fill = to_dev(self.fill)
-            for op, arg, bicubic in self.draw_randaug(B, gen):
-                x = batched_randaugment_op(x, op, arg, bicubic, fill)
-        x = (x / 255.0 - to_dev(self.mean)) / to_dev(self.std)                          # F.normalize
-        if self.reprob > 0:
-            boxes = batched_erasing_boxes(B, *x.shape[-2:], self.reprob, gen)
-            x = batched_erase(x, to_dev(boxes), torch.randn(x.shape, device=dev, generator=noise_gen))
-        return x
-
-
-class DeviceBatches:
-    """This rank's batches straight from uint8 images held on the device.
-    Train (sampler given): the EpochSampler's indices, i.e. the same shard of the same per-epoch permutation as
-    the per-image path, augmented by BatchedTransform with generators seeded by (seed, epoch, step, rank).
-    Eval (indices given): the eval geometry and normalization only."""
-
-    def __init__(self, dataset, device, batch_size, transform, cfg, sampler=None, indices=None):
-        self.images = dataset.images.to(device)                                         # (n, 3, H, W) uint8
-        self.labels = dataset.labels.to(device)
-        self.b, self.t, self.cfg, self.sampler = batch_size, transform, cfg, sampler
-        self.batched = BatchedTransform(transform, cfg) if sampler is not None else None
-        self.indices = None if indices is None else torch.tensor(indices, dtype=torch.long)
-        self.gen, self.noise_gen = torch.Generator(), torch.Generator(device)
-
-    def __iter__(self):
-        dev = self.images.device
-        if self.sampler is None:  # eval
-            for i in self.indices.split(self.b):
-                i = to_device(i, dev)
-                x = self.t.geometry(self.images[i])
-                yield F.normalize(x.float() / 255.0, self.t.mean, self.t.std), self.labels[i]
-            return
-        s = self.sampler
-        idx = torch.tensor(s.indices(), dtype=torch.long).view(s.steps, s.b)               # (steps, b)
-        for step in range(s.start_step, s.steps):
-            seed = derive_seed(self.cfg['seed'], s.epoch, step, s.rank, 'device-aug')
-            self.gen.manual_seed(seed)
-            self.noise_gen.manual_seed(seed)
-            i = to_device(idx[step], dev)
-            yield self.batched(self.images[i], self.gen, self.noise_gen), self.labels[i]
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # schedule / optimizer
 
 def lr_at(epoch, cfg):
-    """timm CosineLRScheduler stepped per epoch (lr constant within an epoch): linear warm-up from warmup_lr,
-    then min_lr + 1/2 (lr - min_lr)(1 + cos(pi e / epochs)) with e the absolute epoch, then min_lr (cool-down).
-    # deviation: DeiT's main.py calls scheduler.step(epoch) at the END of epoch e, so its epoch e >= 1 runs at
-    # lr(e - 1); here epoch e runs at lr(e), as timm's train.py (CCT) does."""
+    """The lr of epoch `epoch`: timm's CosineLRScheduler at t = epoch - lr_epoch_lag (at least 0), stepped per
+    epoch as the recipe's script steps it (ViT-Lite: epoch e at lr(e); DeiT: epoch e >= 1 at lr(e - 1)).
+    lr(t): linear warm-up from warmup_lr over warmup_epochs, then min_lr + 1/2 (lr - min_lr)(1 + cos(pi t / epochs)),
+    then min_lr (cool-down)."""
+    t = max(epoch - cfg['lr_epoch_lag'], 0)
     lr, min_lr, warm, epochs = cfg['lr'], cfg['min_lr'], cfg['warmup_epochs'], cfg['epochs']
-    if epoch < warm:
-        return cfg['warmup_lr'] + epoch * (lr - cfg['warmup_lr']) / warm
-    if epoch >= epochs:
+    if t < warm:
+        return cfg['warmup_lr'] + t * (lr - cfg['warmup_lr']) / warm
+    if t >= epochs:
         return min_lr
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * epoch / epochs))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * t / epochs))
 
 
 def weight_decay_split(model, skip_names):
@@ -968,9 +983,8 @@ def weight_decay_split(model, skip_names):
     (DeiT: model.no_weight_decay() = pos_embed, cls_token; ViT-Lite/CCT: none, so its PE and cls token decay)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name.endswith('.bias') or name in skip_names else decay).append(name)
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name.endswith('.bias') or name in skip_names else decay).append(name)
     return decay, no_decay
 
 
@@ -1003,6 +1017,15 @@ def all_reduce(t, op=None):
     return t
 
 
+def agree(error, device):
+    """Raise on every rank when any rank has an error (a check only rank 0 makes, e.g. the run folder's lock)."""
+    failed = all_reduce(torch.tensor(int(error is not None), device=device), dist.ReduceOp.MAX).item()
+    if error is not None:
+        raise error
+    if failed:
+        raise UserError('another rank stopped this run (see rank 0\'s message)')
+
+
 STOP = {'signal': None}  # set by the SIGTERM / SIGINT handler, read between steps
 
 
@@ -1013,21 +1036,170 @@ def _on_signal(signum, _frame):
           f'(send it again to quit immediately)', file=sys.stderr, flush=True)
 
 
+class Stopped(Exception):
+    """Clean stop after SIGTERM / SIGINT (checkpoint written)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# run folder: lock, atomic writes, checkpoints
+
+## The record of a run is consistent at every instant: last.pt is the commit point. It holds the weights, where
+## training continues AND the log lines of every finished epoch. The order of writes at the end of an epoch:
+## last.pt, then best.pt (the same bytes, on a new best top-1), then the line appended to log.jsonl. A kill
+## anywhere leaves last.pt old or new, never half (atomic rename); --resume auto then rewrites log.jsonl from
+## last.pt and copies last.pt to best.pt when the best epoch is the last one and best.pt missed it.
+
+def atomic_write(path, data):
+    """Write bytes to path atomically: a temporary file in the same folder, fsync, rename, fsync the folder."""
+    tmp = f'{path}.tmp{os.getpid()}'
+    try:
+        with open(tmp, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        full = ' The disk is full (or the quota is used up).' if e.errno in (errno.ENOSPC, errno.EDQUOT) else ''
+        raise UserError(f'could not write {path}: {e.strerror} ({errno.errorcode.get(e.errno, e.errno)}).{full} '
+                        f'The previous {os.path.basename(path)} (if any) is intact; make room or fix the folder, '
+                        f'then rerun with --resume auto.') from None
+
+
+def write_record(out, ckpt, improved, line):
+    """The end of an epoch on disk, in the order that keeps the record consistent: last.pt (the commit point),
+    best.pt on a new best top-1, then the epoch's line in log.jsonl (and on stdout)."""
+    data = checkpoint_bytes(ckpt)
+    atomic_write(os.path.join(out, 'last.pt'), data)
+    if improved:
+        atomic_write(os.path.join(out, 'best.pt'), data)
+    with open(os.path.join(out, 'log.jsonl'), 'a') as f:
+        f.write(json.dumps(line) + '\n')
+    print(json.dumps(line), flush=True)
+
+
+def checkpoint_bytes(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def lock_run_folder(out):
+    """An exclusive flock on <out>/train.lock, held while the run lives (the kernel drops it when the process
+    dies, so a killed run's lock file does not block a resume). -> the open file descriptor."""
+    os.makedirs(out, exist_ok=True)
+    fd = os.open(os.path.join(out, 'train.lock'), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 200, 0).decode(errors='replace').strip() or 'unknown process'
+        os.close(fd)
+        raise UserError(f'--output-dir {out} is in use by another train.py run ({holder}); wait for it to end, or '
+                        f'use another --output-dir.') from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f'pid {os.getpid()} on {socket.gethostname()} since {time.strftime("%Y-%m-%d %H:%M:%S")}\n'
+              .encode(), 0)
+    return fd
+
+
+def prepare_run_folder(cfg, args, resume):
+    """Rank 0, under the lock: refuse to clobber another run, remove what a killed run left half-written."""
+    out = cfg['output_dir']
+    present = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+    ours = resume and os.path.abspath(os.path.dirname(resume)) == os.path.abspath(out)
+    ## --resume auto without a last.pt: a run killed before its first checkpoint left no weights, start afresh
+    nothing_lost = args.resume == 'auto' and not set(present) & {'last.pt', 'best.pt'}
+    if present and not ours and not args.overwrite and not nothing_lost:
+        raise UserError(f'--output-dir {out} already holds a run ({", ".join(present)}). Continue it with '
+                        f'--resume auto, replace it with --overwrite, or pick another --output-dir.')
+    if present and not ours:
+        for f in present:
+            os.remove(os.path.join(out, f))
+    for f in os.listdir(out):
+        if re.fullmatch(r'(config\.json|log\.jsonl|last\.pt|best\.pt)\.tmp\d+', f):
+            os.remove(os.path.join(out, f))  # a write that a kill interrupted
+
+
+def load_checkpoint(path):
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        missing = {'model', 'optimizer', 'config', 'epoch', 'step', 'log', 'best_top1', 'best_epoch'} - set(ckpt)
+        if missing:
+            raise KeyError(f'missing {sorted(missing)}')
+    except Exception as e:
+        first = (str(e).splitlines() or [''])[0][:300]
+        raise UserError(f'cannot read checkpoint {path} ({type(e).__name__}: {first}). It is not a complete '
+                        f'checkpoint of this train.py (truncated, corrupt or another format); point --resume at '
+                        f'another file (best.pt, or an older copy) or start a new run without --resume.') from None
+    return ckpt
+
+
+def check_resume(saved, cfg, ckpt, args, path):
+    """Refuse a resume that would silently change the run; --allow-change lets recipe values differ on purpose."""
+    allowed = {a.lstrip('-').replace('-', '_') for a in args.allow_change}
+    unknown = sorted(allowed - set(CHANGEABLE))
+    if unknown:
+        raise UserError(f'--allow-change {" ".join(unknown)}: not a flag a resume may change; valid: '
+                        f'{", ".join(k.replace("_", "-") for k in CHANGEABLE)}. The model, --pe, knob, architecture '
+                        f'and --data flags identify a run and never change.')
+    diff = lambda keys: [k for k in keys if saved.get(k) != cfg[k]]
+    show = lambda ks: '; '.join(f'{flag(k)}: checkpoint {show_value(saved.get(k))}, now {show_value(cfg[k])}'
+                                for k in ks)
+    if diff(IDENTITY):
+        raise UserError(f'refusing to use {path}: it belongs to a different run ({show(diff(IDENTITY))}). Use '
+                        f'the flags of the run that wrote it, or a new --output-dir without --resume.')
+    changed = [] if args.eval_only else diff(CHANGEABLE)  # evaluation may use another crop, batch...
+    if set(changed) - allowed:
+        raise UserError(f'refusing to resume {path}: this command changes the run ({show(changed)}). Rerun with the '
+                        f'checkpoint\'s values, or add --allow-change {" ".join(flag(k)[2:] for k in changed)} '
+                        f'to continue with the new values on purpose.')
+    mid_epoch = ckpt['step'] > 0
+    boundary = [k for k in changed if k in EPOCH_BOUNDARY_ONLY]
+    if saved.get('world_size') != cfg['world_size'] and cfg['repeated_aug']:
+        boundary.append('world_size')
+    if mid_epoch and boundary:
+        raise UserError(f'refusing to resume {path} in the middle of epoch {ckpt["epoch"]} (step {ckpt["step"]}): '
+                        f'{", ".join(boundary)} changes how an epoch is cut into steps, so the rest of this epoch '
+                        f'would skip or repeat images. Resume with the checkpoint\'s values (and process count) '
+                        f'to finish the epoch, then change them.')
+
+
+def reconcile_record(out, ckpt):
+    """After a kill: log.jsonl from last.pt's log lines; best.pt from last.pt when it missed the last epoch."""
+    atomic_write(os.path.join(out, 'log.jsonl'), ''.join(json.dumps(ln) + '\n' for ln in ckpt['log']).encode())
+    best, be = os.path.join(out, 'best.pt'), ckpt['best_epoch']
+    if be < 0:
+        return
+    try:
+        ok = torch.load(best, map_location='cpu', weights_only=True, mmap=True)['best_epoch'] == be
+    except Exception:
+        ok = False
+    if not ok and ckpt['epoch'] == be + 1 and ckpt['step'] == 0:
+        with open(os.path.join(out, 'last.pt'), 'rb') as f:
+            atomic_write(best, f.read())
+    elif not ok:
+        print(f'warning: {best} does not hold the best epoch {be} and cannot be rebuilt from last.pt',
+              file=sys.stderr)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # train / eval loop
 
 @torch.no_grad()
-def evaluate(model, loader, device, autocast):
+def evaluate(model, loader, augment, device, autocast):
     """top-1 / top-5 in % over the whole validation set, counts summed over ranks (each sample counted once)."""
     was_training = model.training
     model.eval()
     counts = torch.zeros(3, dtype=torch.long, device=device)  # correct@1, correct@5, n
     for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = augment.eval(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
         with autocast:
             logits = model(x)
-        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices  # (B, 5)
-        hit = top == y[:, None]
+        hit = logits.topk(min(5, logits.shape[-1]), dim=-1).indices == y[:, None]  # (B, 5)
         counts += torch.stack([hit[:, :1].sum(), hit.sum(), torch.tensor(len(y), device=device)])
     model.train(was_training)
     c1, c5, n = all_reduce(counts).tolist()
@@ -1043,14 +1215,18 @@ def sync_status(first_bad, device, world):
     return bool(stop), int(bad)
 
 
-def train(cfg, raw_model, model, optimizer, loaders, sampler, state, device, rank, world, autocast):
-    """The epoch loop. state: epoch, step, loss_sum, best_top1, best_epoch (restored by --resume)."""
-    num_classes = cfg['model_kwargs']['num_classes']
-    mix = make_mix(cfg, num_classes)
-    out = cfg['output_dir']
-    last_good = None if state['epoch'] == 0 and state['step'] == 0 else os.path.join(out, 'last.pt')
-    steps = sampler.steps
-    progress = rank == 0 and not cfg['no_progress'] and sys.stderr.isatty()
+def make_checkpoint(cfg, raw_model, optimizer, epoch, step, loss_sum, state):
+    return dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), config=cfg, epoch=epoch, step=step,
+                loss_sum=None if loss_sum is None else loss_sum.detach().cpu(), log=list(state['log']),
+                best_top1=state['best_top1'], best_epoch=state['best_epoch'])
+
+
+def train(cfg, raw_model, model, optimizer, loaders, augment, sampler, state, device, rank, world, autocast):
+    """The epoch loop. state: epoch, step, loss_sum, best_top1, best_epoch, log (restored by --resume)."""
+    out, steps = cfg['output_dir'], sampler.steps
+    last_good = os.path.join(out, 'last.pt') if state['epoch'] or state['step'] else None
+    show = rank == 0 and not cfg['no_progress']
+    bar = show and sys.stderr.isatty()
     for epoch in range(state['epoch'], cfg['total_epochs']):
         lr = lr_at(epoch, cfg)
         for group in optimizer.param_groups:
@@ -1062,15 +1238,14 @@ def train(cfg, raw_model, model, optimizer, loaders, sampler, state, device, ran
             loss_sum += state['loss_sum']  # the finished part of an interrupted epoch (summed over ranks)
         first_bad = torch.full((), -1, dtype=torch.long, device=device)
         t0 = time.time()
-        pbar = tqdm(total=steps, initial=start, desc=f'epoch {epoch}', disable=not progress, leave=False)
-        stop = False
+        pbar = tqdm(total=steps, initial=start, desc=f'epoch {epoch}', disable=not bar, leave=False)
         model.train()
         for step, (x, y) in enumerate(loaders['train'], start=start):
             gstep = epoch * steps + step
-            ## every step's randomness (MixUp/CutMix, drop-path, dropout) is a function of (seed, epoch, step, rank)
+            ## every step's randomness (augmentation draws, erasing noise, MixUp/CutMix, drop-path, dropout) comes
+            ## from torch's global RNGs, seeded here by (seed, epoch, step, rank)
             torch.manual_seed(derive_seed(cfg['seed'], epoch, step, rank, 'step'))
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            x, target = soft_targets(x, y, mix, num_classes, cfg['smoothing'])
+            x, target = augment(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
             with autocast:
                 logits = model(x)
             loss = soft_cross_entropy(logits, target)
@@ -1085,17 +1260,21 @@ def train(cfg, raw_model, model, optimizer, loaders, sampler, state, device, ran
             if (step + 1) % cfg['log_interval'] == 0 or last or (world == 1 and STOP['signal']):
                 stop, bad = sync_status(first_bad, device, world)
                 if bad >= 0:
-                    where = (f'the last good checkpoint is {last_good}' if last_good else
-                             'no checkpoint was written yet')
+                    where = f'the last good checkpoint is {last_good}' if last_good else 'no checkpoint was written yet'
                     raise UserError(f'non-finite training loss at global step {bad} (epoch {epoch}); stopping. '
                                     f'{where}. Lower --lr or check the data.')
-                if progress:
-                    pbar.set_postfix(loss=f'{loss.item():.4f}', lr=f'{lr:.2e}',
-                                     img_s=f'{(step + 1 - start) * cfg["global_batch_size"] / (time.time() - t0):.0f}')
+                if show:
+                    speed = (step + 1 - start) * cfg['global_batch_size'] / (time.time() - t0)
+                    if bar:
+                        pbar.set_postfix(loss=f'{loss.item():.4f}', lr=f'{lr:.2e}', img_s=f'{speed:.0f}')
+                    else:
+                        print(f'epoch {epoch} step {step + 1}/{steps} loss {loss.item():.4f} lr {lr:.2e} '
+                              f'{speed:.0f} img/s', file=sys.stderr, flush=True)
                 if stop and not last:
                     pbar.close()
-                    loss_sum = all_reduce(loss_sum)
-                    save_checkpoint(cfg, raw_model, optimizer, epoch, step + 1, loss_sum, state, rank, best=False)
+                    ckpt = make_checkpoint(cfg, raw_model, optimizer, epoch, step + 1, all_reduce(loss_sum), state)
+                    if rank == 0:
+                        atomic_write(os.path.join(out, 'last.pt'), checkpoint_bytes(ckpt))
                     barrier()
                     raise Stopped(f'stopped by {STOP["signal"] or "a signal on another rank"} at epoch {epoch}, '
                                   f'step {step + 1}/{steps}; {os.path.join(out, "last.pt")} written. Continue with '
@@ -1105,19 +1284,17 @@ def train(cfg, raw_model, model, optimizer, loaders, sampler, state, device, ran
             torch.cuda.synchronize()
         train_time = time.time() - t0
         train_loss = all_reduce(loss_sum).item() / (world * steps)
-        top1, top5, n = evaluate(raw_eval_model(model), loaders['val'], device, autocast)
+        top1, top5, n = evaluate(raw_eval_model(model), loaders['val'], augment, device, autocast)
         line = dict(epoch=epoch, train_loss=round(train_loss, 6), val_top1=round(top1, 4), val_top5=round(top5, 4),
                     val_n=n, lr=lr, img_per_s=round((steps - start) * cfg['global_batch_size'] / train_time, 1),
                     epoch_time_s=round(time.time() - t0, 2))
         improved = top1 > state['best_top1']
         if improved:
             state['best_top1'], state['best_epoch'] = top1, epoch
-        save_checkpoint(cfg, raw_model, optimizer, epoch + 1, 0, None, state, rank, best=improved)
-        last_good = os.path.join(out, 'last.pt')
+        state['log'].append(line)
         if rank == 0:
-            print(json.dumps(line), flush=True)
-            with open(os.path.join(out, 'log.jsonl'), 'a') as f:
-                f.write(json.dumps(line) + '\n')
+            write_record(out, make_checkpoint(cfg, raw_model, optimizer, epoch + 1, 0, None, state), improved, line)
+        last_good = os.path.join(out, 'last.pt')
         stop, _ = sync_status(first_bad, device, world)
         if stop and epoch + 1 < cfg['total_epochs']:
             barrier()
@@ -1126,77 +1303,59 @@ def train(cfg, raw_model, model, optimizer, loaders, sampler, state, device, ran
     return state
 
 
-class Stopped(Exception):
-    """Clean stop after SIGTERM / SIGINT (checkpoint written)."""
-
-
 def raw_eval_model(model):
     ## evaluate without the DDP wrapper: ranks see different numbers of batches, DDP's forward could sync
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# checkpointing
-
-def atomic_save(obj, path):
-    """torch.save to a temporary file in the same folder, fsync, then os.replace: a reader never sees half a file."""
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'wb') as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def save_checkpoint(cfg, raw_model, optimizer, epoch, step, loss_sum, state, rank, best):
-    """last.pt (and best.pt on a new best top-1); (epoch, step) = where training continues."""
-    if rank != 0:
-        return
-    ckpt = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), config=cfg, epoch=epoch, step=step,
-                loss_sum=None if loss_sum is None else loss_sum.detach().cpu(),
-                best_top1=state['best_top1'], best_epoch=state['best_epoch'],
-                rng=dict(python=random.getstate(), torch=torch.get_rng_state(),
-                         cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
-    atomic_save(ckpt, os.path.join(cfg['output_dir'], 'last.pt'))
-    if best:
-        atomic_save(ckpt, os.path.join(cfg['output_dir'], 'best.pt'))
-
-
-def load_checkpoint(path):
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-        missing = {'model', 'config', 'optimizer', 'epoch'} - set(ckpt)
-        if missing:
-            raise KeyError(f'missing {sorted(missing)}')
-    except Exception as e:
-        raise UserError(f'cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:300]}). It is '
-                        f'not a complete train.py checkpoint (truncated, corrupt or another format); point --resume '
-                        f'at another file (best.pt, or an older copy) or start a new run without --resume.')
-    return ckpt
-
-
-IDENTITY_KEYS = ('model', 'pe', 'model_kwargs', 'data')
-
-
-def check_resume_compatible(saved, cfg, path):
-    diffs = [f'{k}: checkpoint {saved.get(k)!r} vs this run {cfg[k]!r}' for k in IDENTITY_KEYS if saved.get(k) != cfg[k]]
-    if diffs:
-        raise UserError(f'refusing to resume {path}: it belongs to a different run ({"; ".join(diffs)}). Use the '
-                        f'same --model/--pe/knob/architecture/--data flags as the run that wrote it, or a new '
-                        f'--output-dir without --resume.')
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # main
 
-def run(args):
-    rank, world, local_rank = dist_env()
-    cfg = resolve_config(args, world)  # checks the batch before any process group exists
+def resolve_run(argv, world):
+    """Every check that needs no process group, data or model: flags, paths, the --resume checkpoint.
+    -> (args, cfg, checkpoint path or None, checkpoint or None)."""
+    args = build_parser().parse_args(argv)
     if args.eval_only and not args.resume:
         raise UserError('--eval-only needs --resume PATH (or --resume auto) to know which weights to evaluate.')
+    resume, ckpt = (None, None) if args.resume in (None, 'auto') else (args.resume, None)
+    if resume:
+        if not os.path.isfile(resume):
+            raise UserError(f'--resume {resume}: no such file.')
+        ckpt = load_checkpoint(resume)
+        if args.eval_only:
+            adopt_config(args, ckpt['config'], given_flags(argv), world)
+    cfg = resolve_config(args, world)
+    check_paths(cfg, args)
+    if args.resume == 'auto':
+        resume = os.path.join(cfg['output_dir'], 'last.pt')
+        if os.path.exists(resume):
+            ckpt = load_checkpoint(resume)
+        elif args.eval_only:
+            raise UserError(f'--resume auto: {resume} does not exist.')
+        else:
+            resume = None
+    if ckpt is not None:
+        check_resume(ckpt['config'], cfg, ckpt, args, resume)
+    return args, cfg, resume, ckpt
+
+
+def adopt_config(args, saved, given, world):
+    """--eval-only: the model and data settings are the checkpoint's; the flags typed now choose only where the
+    data is and how it is read (any other flag typed must agree with the checkpoint: check_resume)."""
+    free = {'data_path', 'download', 'workers', 'resume', 'eval_only', 'amp', 'compile', 'no_progress',
+            'log_interval', 'output_dir', 'allow_change', 'overwrite'}
+    for k, v in saved.items():
+        if (hasattr(args, k) or k in ('layerwise_from', 'last_ln_pe')) and k not in given | free:
+            setattr(args, k, tuple(v) if k == 'rrc_scale' else v)
+    if 'global_batch_size' not in given:  # any batch evaluates alike; one that splits over this run's processes
+        args.global_batch_size = max(saved['global_batch_size'] // world, 1) * world
+
+
+def run(argv):
+    rank, world, local_rank = dist_env()
+    args, cfg, resume, ckpt = resolve_run(argv, world)  # every input checked before any work
     if world > 1:
-        backend = 'nccl' if torch.cuda.is_available() else 'gloo'
-        dist.init_process_group(backend)
+        dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
     if torch.cuda.is_available():
         device = torch.device('cuda', local_rank)
         torch.cuda.set_device(device)
@@ -1205,140 +1364,92 @@ def run(args):
     else:
         device = torch.device('cpu')
     # deviation: bf16 autocast on CUDA (DeiT and CCT used fp16 autocast + GradScaler); CPU runs stay fp32
-    use_amp = cfg['amp'] and device.type == 'cuda'
-    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
-    out = cfg['output_dir']
-
-    ## the model: same seed on all ranks, so every rank builds the same initial weights
-    torch.manual_seed(cfg['seed'])
-    random.seed(cfg['seed'])
+    autocast = (torch.autocast('cuda', dtype=torch.bfloat16) if cfg['amp'] and device.type == 'cuda'
+                else contextlib.nullcontext())
+    out, lock = cfg['output_dir'], None
+    if not args.eval_only:
+        error = None
+        if rank == 0:
+            try:
+                lock = lock_run_folder(out)
+                prepare_run_folder(cfg, args, resume)
+            except UserError as e:
+                error = e
+        agree(error, device)
+    cfg['provenance'] = provenance(argv, world)
     try:
-        raw_model = mpvg.create_model(cfg['model'], pe=cfg['pe'], **cfg['model_kwargs'])
-    except ValueError as e:
-        raise UserError(f'cannot build the model: {e}')
-    raw_model.to(device)
-    img_size = raw_model.cfg.img_size
-    cfg['img_size_resolved'] = img_size
-    cfg['num_params'] = sum(p.numel() for p in raw_model.parameters())
+        ## the model: same seed on all ranks, so every rank builds the same initial weights
+        torch.manual_seed(cfg['seed'])
+        raw_model = mpvg.create_model(cfg['model'], pe=cfg['pe'], **cfg['model_kwargs']).to(device)
+        cfg['num_params'] = sum(p.numel() for p in raw_model.parameters())
+        optimizer = make_optimizer(raw_model, cfg, device)
+        state = dict(epoch=0, step=0, loss_sum=None, best_top1=-1.0, best_epoch=-1, log=[])
+        if ckpt is not None:
+            try:
+                raw_model.load_state_dict(ckpt['model'])
+                if not args.eval_only:
+                    optimizer.load_state_dict(ckpt['optimizer'])
+            except Exception as e:
+                raise UserError(f'checkpoint {resume} does not fit this model/optimizer ({type(e).__name__}: '
+                                f'{(str(e).splitlines() or [""])[0][:300]}).')
+            state.update({k: ckpt[k] for k in ('epoch', 'step', 'loss_sum', 'best_top1', 'best_epoch', 'log')})
+            if rank == 0:
+                print(f'resumed {resume}: epoch {state["epoch"]}, step {state["step"]}', file=sys.stderr)
 
-    ## data
-    train_set, val_set = load_data(cfg, img_size, local_rank)
-    info = DATASETS[cfg['data']]
-    folder = cfg['data'] == 'imagenet'
-    workers = cfg['workers'] if cfg['workers'] is not None else min(8, os.cpu_count() or 1)
-    sampler = EpochSampler(len(train_set), cfg, rank, world)
-    if cfg['device_data'] == 'on' and not isinstance(train_set, TensorImages):
-        raise UserError(f'--device-data on needs an in-memory dataset (cifar100, synthetic); --data {cfg["data"]} '
-                        f'is read from image files. Use --device-data off (or auto).')
-    on_device = cfg['device_data'] == 'on' or (cfg['device_data'] == 'auto' and device.type == 'cuda'
-                                               and cfg['data'] == 'cifar100')
-    cfg['device_data_resolved'] = on_device
-    val_tf = Transform(cfg, img_size, info['mean'], info['std'], train=False, folder=folder)
-    val_indices = eval_indices(len(val_set), world, rank)
-    if on_device:
-        val_loader = DeviceBatches(val_set, device, cfg['per_process_batch_size'], val_tf, cfg, indices=val_indices)
-    else:
-        val_loader = make_loader(Augmented(val_set, val_tf), [(i, 0) for i in val_indices],
-                                 cfg['per_process_batch_size'], workers, device)
-    loaders = dict(val=val_loader)
-    cfg['steps_per_epoch'] = sampler.steps
-    cfg['train_size'], cfg['val_size'] = len(train_set), len(val_set)
-    if sampler.steps == 0 and not args.eval_only:
-        raise UserError(f'the training set has {len(train_set)} images: not one full global batch of '
-                        f'{cfg["global_batch_size"]}' + (' after repeated augmentation keeps '
-                        f'floor(n // 256 * 256 / world) = {ra_num_selected(len(train_set), world)} per rank'
-                        if cfg['repeated_aug'] else '') + '. Lower --global-batch-size (or --no-repeated-aug).')
-
-    optimizer = make_optimizer(raw_model, cfg, device)
-    state = dict(epoch=0, step=0, loss_sum=None, best_top1=-1.0, best_epoch=-1)
-    resume = os.path.join(out, 'last.pt') if args.resume == 'auto' else args.resume
-    if resume and not os.path.exists(resume):
-        if args.resume != 'auto' or args.eval_only:
-            raise UserError(f'--resume {args.resume}: {resume} does not exist.')
-        resume = None
-    if resume:
-        ckpt = load_checkpoint(resume)
-        check_resume_compatible(ckpt['config'], cfg, resume)
-        try:
-            raw_model.load_state_dict(ckpt['model'])
-            if not args.eval_only:
-                optimizer.load_state_dict(ckpt['optimizer'])
-        except Exception as e:
-            raise UserError(f'checkpoint {resume} does not fit this model/optimizer ({type(e).__name__}: '
-                            f'{str(e).splitlines()[0][:300]}).')
-        state.update(epoch=ckpt['epoch'], step=ckpt.get('step', 0), loss_sum=ckpt.get('loss_sum'),
-                     best_top1=ckpt.get('best_top1', -1.0), best_epoch=ckpt.get('best_epoch', -1))
-        rng = ckpt.get('rng') or {}
-        if rng.get('python') is not None:
-            random.setstate(rng['python'])
-        if rng.get('torch') is not None:
-            torch.set_rng_state(rng['torch'])
+        ## data
+        train_set, val_set = load_data(cfg, local_rank)
+        info = DATASETS[cfg['data']]
+        augment = Augment(cfg, info['mean'], info['std'], info['num_classes'], crop=isinstance(train_set, TensorImages))
+        sampler = EpochSampler(len(train_set), cfg, rank, world)
+        loaders = dict(val=make_loader(val_set, cfg, device, indices=eval_indices(len(val_set), world, rank)))
+        cfg.update(steps_per_epoch=sampler.steps, train_size=len(train_set), val_size=len(val_set))
+        if args.eval_only:
+            top1, top5, n = evaluate(raw_model, loaders['val'], augment, device, autocast)
+            if rank == 0:
+                print(json.dumps(dict(eval=resume, val_top1=round(top1, 4), val_top5=round(top5, 4), val_n=n)),
+                      flush=True)
+            return
+        if sampler.steps == 0:
+            raise UserError(f'the training set has {len(train_set)} images: not one full global batch of '
+                            f'{cfg["global_batch_size"]}' + (' after repeated augmentation keeps floor(n // 256 * '
+                            f'256 / world) = {ra_num_selected(len(train_set), world)} per rank'
+                            if cfg['repeated_aug'] else '') + '. Lower --global-batch-size (or --no-repeated-aug).')
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, _on_signal)
         if rank == 0:
-            print(f'resumed {resume}: epoch {state["epoch"]}, step {state["step"]}', file=sys.stderr)
-
-    if args.eval_only:
-        top1, top5, n = evaluate(raw_model, loaders['val'], device, autocast)
+            print(json.dumps(dict(config=cfg)), flush=True)
+            atomic_write(os.path.join(out, 'config.json'), (json.dumps(cfg, indent=2) + '\n').encode())
+            if ckpt is not None and os.path.abspath(os.path.dirname(resume)) == os.path.abspath(out):
+                reconcile_record(out, ckpt)
+        barrier()
+        model = torch.compile(raw_model) if cfg['compile'] else raw_model
+        if world > 1:
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[local_rank] if device.type == 'cuda' else None)
+        loaders['train'] = make_loader(train_set, cfg, device, sampler=sampler)
+        state = train(cfg, raw_model, model, optimizer, loaders, augment, sampler, state, device, rank, world,
+                      autocast)
         if rank == 0:
-            print(json.dumps(dict(eval=resume, val_top1=round(top1, 4), val_top5=round(top5, 4), val_n=n)), flush=True)
-        return
-
-    for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, _on_signal)
-    if rank == 0:
-        os.makedirs(out, exist_ok=True)
-        print(json.dumps(dict(config=cfg)), flush=True)
-        atomic_save_text(json.dumps(cfg, indent=2), os.path.join(out, 'config.json'))
-        truncate_log(os.path.join(out, 'log.jsonl'), state['epoch'])
-    barrier()
-
-    model = torch.compile(raw_model) if cfg['compile'] else raw_model
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[local_rank] if device.type == 'cuda' else None)
-    train_tf = Transform(cfg, img_size, info['mean'], info['std'], train=True, folder=folder)
-    if on_device:
-        loaders['train'] = DeviceBatches(train_set, device, cfg['per_process_batch_size'], train_tf, cfg,
-                                         sampler=sampler)
-    else:
-        loaders['train'] = make_loader(Augmented(train_set, train_tf), sampler, cfg['per_process_batch_size'],
-                                       workers, device)
-    state = train(cfg, raw_model, model, optimizer, loaders, sampler, state, device, rank, world, autocast)
-    if rank == 0:
-        print(json.dumps(dict(summary=True, best_top1=round(state['best_top1'], 4), best_epoch=state['best_epoch'],
-                              epochs=cfg['total_epochs'], output_dir=out)), flush=True)
-
-
-def atomic_save_text(text, path):
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'w') as f:
-        f.write(text + '\n')
-    os.replace(tmp, path)
-
-
-def truncate_log(path, epoch):
-    """On resume keep only the log lines of the epochs before `epoch` (a line written after the last checkpoint
-    would otherwise appear twice)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [ln for ln in f if ln.strip() and json.loads(ln).get('epoch', -1) < epoch]
-    atomic_save_text(''.join(lines).rstrip('\n'), path) if lines else os.remove(path)
+            print(json.dumps(dict(summary=True, best_top1=round(state['best_top1'], 4), best_epoch=state['best_epoch'],
+                                  epochs=cfg['total_epochs'], output_dir=out)), flush=True)
+    finally:
+        if lock is not None:
+            os.close(lock)
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    rank = dist_env()[0]
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    rank, world = dist_env()[:2]
     code = 0
     STOP['signal'] = None
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        run(args)
+        run(argv)
     except UserError as e:
-        prefix = f'[rank {rank}] ' if dist_env()[1] > 1 else ''
         msg = str(e)
         if msg.startswith('Caught UserError'):  # raised in a DataLoader worker: the message comes wrapped in the
             msg = msg.rsplit('UserError: ', 1)[-1].strip()  # worker's traceback; keep our own sentence
-        print(f'{prefix}error: {msg}', file=sys.stderr, flush=True)
+        print(f'{f"[rank {rank}] " if world > 1 else ""}error: {msg}', file=sys.stderr, flush=True)
         code = 2
     except Stopped as e:
         if rank == 0:
