@@ -1367,17 +1367,17 @@ def run(argv):
     autocast = (torch.autocast('cuda', dtype=torch.bfloat16) if cfg['amp'] and device.type == 'cuda'
                 else contextlib.nullcontext())
     out, lock = cfg['output_dir'], None
-    if not args.eval_only:
-        error = None
-        if rank == 0:
-            try:
-                lock = lock_run_folder(out)
-                prepare_run_folder(cfg, args, resume)
-            except UserError as e:
-                error = e
-        agree(error, device)
-    cfg['provenance'] = provenance(argv, world)
     try:
+        if not args.eval_only:
+            error = None
+            if rank == 0:
+                try:
+                    lock = lock_run_folder(out)
+                    prepare_run_folder(cfg, args, resume)
+                except UserError as e:
+                    error = e
+            agree(error, device)
+        cfg['provenance'] = provenance(argv, world)
         ## the model: same seed on all ranks, so every rank builds the same initial weights
         torch.manual_seed(cfg['seed'])
         raw_model = mpvg.create_model(cfg['model'], pe=cfg['pe'], **cfg['model_kwargs']).to(device)
