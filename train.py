@@ -7,22 +7,16 @@ Train the ViT variants of mpvg.py with the paper's recipes (MPVG, AAAI 2025; PAP
     torchrun --nnodes 2 --nproc_per_node 8 --node_rank 0 --master_addr HOST --master_port 29500 \
         train.py --model deit_tiny --pe mpvg --data-path /data/imagenet                 # DeiT-Ti, 2 nodes x 8 GPUs
 
-One script for one process and for DDP: under torchrun (RANK / WORLD_SIZE / LOCAL_RANK in the environment)
-it runs DistributedDataParallel (nccl on CUDA, gloo on CPU); otherwise a single process.
---global-batch-size is the batch of ONE optimizer step summed over all processes; each process gets
-global / world_size. The paper's numbers (ViT-Lite CIFAR-100 top-1: vit 74.90, lape 75.52, pvg 76.67,
-mpvg 76.87; DeiT-Ti ImageNet: 72.14 / 72.94 / 73.17 / 73.51) were reported on 4x RTX 4090.
-
+Under torchrun (RANK / WORLD_SIZE / LOCAL_RANK set) it runs DistributedDataParallel (nccl on CUDA, gloo on CPU).
+--global-batch-size is the batch of ONE optimizer step summed over all processes (each gets global / world_size).
 Data: an in-memory set (CIFAR-100, synthetic) lives on the training device as uint8; an ImageFolder (ImageNet) is
-decoded and randomly cropped per image in DataLoader workers. Everything else of the recipe's augmentation runs
-once per batch on the training device, each op written once (section "augmentation"), as Pillow computes it.
+decoded and randomly cropped per image in DataLoader workers; the rest of the recipe's augmentation runs on whole
+batches on the training device, each op written once, as Pillow computes it. Every random draw is a pure function
+of (seed, epoch, step or sample position, rank): that makes --resume exact.
 
-Determinism: the data order of an epoch, every image's augmentation and every step's randomness (MixUp/CutMix,
-drop-path) are pure functions of (seed, epoch, step / sample position, rank). That is what makes --resume exact.
-
-Sections: config/CLI + input checks, provenance, data, augmentation, schedule/optimizer, DDP helpers, run folder +
-checkpoints, train/eval loop, main. `##` comments teach; `#` comments are functional; `# deviation:` marks every
-departure from the official code.
+Sections: config/CLI + input checks, provenance, data, augmentation, schedule/optimizer, DDP helpers, run folder,
+train/eval loop, main. `##` comments teach; `#` comments are functional; `# deviation:` marks every departure from
+the official code.
 """
 import argparse
 import contextlib
@@ -108,8 +102,8 @@ def flag(key):
     return '--' + key.replace('_', '-')
 
 
-def recipe_name(model):
-    return 'vit_lite' if model.startswith('vit_lite') else 'deit'
+def show(v):
+    return ' '.join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
 
 
 def int_or_none(s):
@@ -126,120 +120,91 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default in (None, False, argparse.SUPPRESS) else super()._get_help_string(action)
 
 
-def recipe_help(key, text=''):
-    values = {r: {**COMMON_RECIPE, **RECIPES[r]}[key] for r in RECIPES}
-    show = lambda v: ' '.join(map(str, v)) if isinstance(v, tuple) else v
-    return f'{text} (default: vit_lite {show(values["vit_lite"])}; deit {show(values["deit"])})'.strip()
+def recipe_help(key, text):
+    v = {r: show({**COMMON_RECIPE, **RECIPES[r]}[key]) for r in RECIPES}
+    return f'{text} (default: vit_lite {v["vit_lite"]}; deit {v["deit"]})'.strip()
 
 
 def build_parser():
-    p = Parser(
-        description='Train ViT-Lite / DeiT with the PE variants of mpvg.py (MPVG, AAAI 2025). '
-                    'Defaults are the paper recipe of --model; every recipe value can be overridden.',
-        epilog='Batch size: --global-batch-size is the batch of one optimizer step summed over ALL processes '
-               '(per process = global / WORLD_SIZE; it must divide). DeiT lr = 5e-4 * global_batch / 512 unless '
-               '--lr is given; ViT-Lite lr 6e-4 unscaled. Offline smoke test: python train.py --data synthetic '
-               '--epochs 2 --cooldown-epochs 0 --warmup-epochs 0. SIGTERM/SIGINT: the current step finishes, last.pt '
-               'is written with its position in the epoch, and the run exits 0; --resume auto continues exactly.',
-        formatter_class=HelpFormatter, allow_abbrev=False)
+    p = Parser(description='Train ViT-Lite / DeiT with the PE variants of mpvg.py (MPVG, AAAI 2025). Defaults are the '
+                           'paper recipe of --model; every recipe value can be overridden.',
+               epilog='--global-batch-size is the batch of one optimizer step summed over ALL processes. SIGTERM / '
+                      'SIGINT: the current step finishes, last.pt is written and the run exits 0; --resume auto '
+                      'continues exactly. Smoke test: python train.py --data synthetic --epochs 2 --warmup-epochs 0',
+               formatter_class=HelpFormatter, allow_abbrev=False)
+    BOOL, knob = argparse.BooleanOptionalAction, 'override the preset: '
     g = p.add_argument_group('model')
     g.add_argument('--model', default='vit_lite_7_4', choices=sorted(mpvg.MODELS))
     g.add_argument('--pe', default='mpvg', choices=sorted(mpvg.PE_PRESETS), help='PE variant preset')
-    g.add_argument('--pool', choices=['cls', 'gap'], default=None, help='override the preset: pooling')
-    g.add_argument('--pe-at-input', action=argparse.BooleanOptionalAction, default=None,
-                   help='override the preset: add pos_0 to the tokens before layer 0')
+    g.add_argument('--pool', choices=['cls', 'gap'], help=knob + 'pooling')
+    g.add_argument('--pe-at-input', action=BOOL, help=knob + 'add pos_0 to the tokens before layer 0')
+    ## 'none' is a value of these two, so "not given" is their absence (SUPPRESS)
     g.add_argument('--layerwise-from', type=int_or_none, default=argparse.SUPPRESS, metavar='L|none',
-                   help='override the preset: first layer adding LN\'_l(PE) to its MSA input (default: preset)')
-    g.add_argument('--hierarchical', action=argparse.BooleanOptionalAction, default=None,
-                   help='override the preset: pe_l = LN\'_l(pe_{l-1}) vs LN\'_l(pos_0)')
+                   help=knob + 'first layer adding LN\'_l(PE) to its MSA input')
+    g.add_argument('--hierarchical', action=BOOL, help=knob + 'pe_l = LN\'_l(pe_{l-1}) vs LN\'_l(pos_0)')
     g.add_argument('--last-ln-pe', type=int_or_none, default=argparse.SUPPRESS, metavar='K|none',
-                   help='override the preset: PE added after the Last LN (0 = pos_0, MPVG) (default: preset)')
-    for name, typ in [('--img-size', int), ('--patch-size', int), ('--embed-dim', int), ('--depth', int),
-                      ('--num-heads', int), ('--mlp-ratio', float), ('--drop-path', float), ('--attn-drop', float)]:
-        g.add_argument(name, type=typ, default=None, help='architecture override (default: the model\'s)')
+                   help=knob + 'PE added after the Last LN (0 = pos_0, MPVG)')
+    for name, typ in [('img_size', int), ('patch_size', int), ('embed_dim', int), ('depth', int), ('num_heads', int),
+                      ('mlp_ratio', float), ('drop_path', float), ('attn_drop', float)]:
+        g.add_argument(flag(name), type=typ, help='architecture override (default: the model\'s)')
     g = p.add_argument_group('data')
-    g.add_argument('--data', choices=sorted(DATASETS), default=None,
-                   help='synthetic = generated, offline (default: vit_lite cifar100; deit imagenet)')
-    g.add_argument('--data-path', default='./data',
-                   help='cifar100: folder holding cifar-100-python/ (downloaded if missing); '
-                        'imagenet: folder holding train/ and val/ class folders')
-    g.add_argument('--download', action=argparse.BooleanOptionalAction, default=True,
-                   help='download CIFAR-100 when it is missing')
+    g.add_argument('--data', choices=sorted(DATASETS), help=recipe_help('data', 'synthetic = generated, offline'))
+    g.add_argument('--data-path', default='./data', help='folder holding cifar-100-python/ (downloaded if missing), '
+                                                         'or ImageNet\'s train/ and val/ class folders')
+    g.add_argument('--download', action=BOOL, default=True, help='download CIFAR-100 when it is missing')
     g.add_argument('--synthetic-size', type=int, default=1024, help='train images of --data synthetic (val: 1/4)')
-    g.add_argument('--workers', type=int, default=None,
-                   help='image-folder decoding processes per rank (default: min(8, cpus)); in-memory sets need none')
+    g.add_argument('--workers', type=int, help='image-folder decoding processes per rank (default: min(8, cpus))')
     g = p.add_argument_group('recipe (default: the paper recipe of --model)')
-    g.add_argument('--epochs', type=int, default=None, help=recipe_help('epochs', 'cosine epochs'))
-    g.add_argument('--cooldown-epochs', type=int, default=None,
-                   help=recipe_help('cooldown_epochs', 'epochs at min lr after the cosine'))
-    g.add_argument('--global-batch-size', type=int, default=None,
-                   help=recipe_help('global_batch_size', 'images per optimizer step summed over all processes'))
-    g.add_argument('--lr', type=float, default=None, help='peak lr (default: vit_lite 6e-4; deit 5e-4*batch/512)')
-    for key, text in [('min_lr', ''), ('warmup_epochs', ''), ('warmup_lr', ''), ('weight_decay', ''),
-                      ('smoothing', 'label smoothing'), ('mixup', 'MixUp alpha, 0 = off'),
-                      ('cutmix', 'CutMix alpha, 0 = off'), ('reprob', 'RandomErasing probability'),
-                      ('hflip', 'horizontal flip probability')]:
-        g.add_argument(flag(key), type=int if key == 'warmup_epochs' else float, default=None,
-                       help=recipe_help(key, text))
-    g.add_argument('--randaug', default=None, help=recipe_help('randaug', "timm RandAugment string or 'none'"))
-    g.add_argument('--random-crop', action=argparse.BooleanOptionalAction, default=True,
-                   help='RandomResizedCrop; off = the eval geometry')
-    g.add_argument('--rrc-scale', type=float, nargs=2, default=None, help=recipe_help('rrc_scale', 'crop area range'))
-    g.add_argument('--repeated-aug', action=argparse.BooleanOptionalAction, default=None,
-                   help=recipe_help('repeated_aug', 'DeiT repeated augmentation, 3 repeats'))
-    g.add_argument('--eval-crop-pct', type=float, default=None,
-                   help=recipe_help('eval_crop_pct', 'image-folder eval: Resize(int(img/pct)) + CenterCrop(img)'))
-    g.add_argument('--no-aug', action='store_true',
-                   help='switch off every random data augmentation (crop, flip, RandAugment, MixUp/CutMix, '
-                        'erasing); label smoothing, drop-path and attention dropout stay as set')
+    for key, typ, text in [
+            ('epochs', int, 'cosine epochs'), ('cooldown_epochs', int, 'epochs at min lr after the cosine'),
+            ('global_batch_size', int, 'images per optimizer step summed over all processes'),
+            ('lr', float, 'peak lr (deit: times global batch / 512)'), ('min_lr', float, ''),
+            ('warmup_epochs', int, ''), ('warmup_lr', float, ''), ('weight_decay', float, ''),
+            ('smoothing', float, 'label smoothing'), ('mixup', float, 'MixUp alpha, 0 = off'),
+            ('cutmix', float, 'CutMix alpha, 0 = off'), ('reprob', float, 'RandomErasing probability'),
+            ('hflip', float, 'horizontal flip probability'), ('randaug', str, "timm RandAugment string or 'none'"),
+            ('eval_crop_pct', float, 'image-folder eval: Resize(int(img/pct)) + CenterCrop(img)')]:
+        g.add_argument(flag(key), type=typ, help=recipe_help(key, text))
+    g.add_argument('--rrc-scale', type=float, nargs=2, help=recipe_help('rrc_scale', 'RandomResizedCrop area range'))
+    g.add_argument('--random-crop', action=BOOL, default=True, help='RandomResizedCrop; off = the eval geometry')
+    g.add_argument('--repeated-aug', action=BOOL, help=recipe_help('repeated_aug', 'DeiT repeated augmentation (x3)'))
+    g.add_argument('--no-aug', action='store_true', help='switch off every random augmentation (crop, flip, '
+                   'RandAugment, MixUp/CutMix, erasing); label smoothing, drop-path and dropout stay')
     g = p.add_argument_group('run')
-    g.add_argument('--output-dir', default=None, help='default runs/<model>_<pe>_<data>_seed<seed>')
+    g.add_argument('--output-dir', help='default runs/<model>_<pe>_<data>_seed<seed>')
     g.add_argument('--seed', type=int, default=0)
-    g.add_argument('--resume', default=None, help="checkpoint path, or 'auto' = <output-dir>/last.pt if present")
-    g.add_argument('--allow-change', nargs='+', default=[], metavar='FLAG',
-                   help=f'--resume: let these recipe flags differ from the checkpoint on purpose (e.g. epochs); one '
-                        f'of {", ".join(k.replace("_", "-") for k in CHANGEABLE)}')
+    g.add_argument('--resume', help="checkpoint path, or 'auto' = <output-dir>/last.pt if present")
+    g.add_argument('--allow-change', nargs='+', default=[], metavar='FLAG', help='--resume: let these recipe flags '
+                   f'differ from the checkpoint on purpose; any of {", ".join(flag(k)[2:] for k in CHANGEABLE)}')
     g.add_argument('--overwrite', action='store_true', help='replace the run already in --output-dir')
-    g.add_argument('--eval-only', action='store_true',
-                   help='evaluate the --resume checkpoint with its own model and data settings, and exit')
-    g.add_argument('--amp', action=argparse.BooleanOptionalAction, default=True, help='bf16 autocast (CUDA only)')
+    g.add_argument('--eval-only', action='store_true', help='evaluate the --resume checkpoint (with its own model '
+                   'and data settings) and exit')
+    g.add_argument('--amp', action=BOOL, default=True, help='bf16 autocast (CUDA only)')
     g.add_argument('--compile', action='store_true', help='torch.compile the model')
-    g.add_argument('--log-interval', type=int, default=20,
-                   help='steps between loss syncs (progress line, non-finite check, DDP stop check)')
+    g.add_argument('--log-interval', type=int, default=20, help='steps between loss syncs (progress line, '
+                   'non-finite check, stop check)')
     g.add_argument('--no-progress', action='store_true', help='no progress bar or progress lines')
     return p
 
 
-def given_flags(argv):
-    """The dests the user typed (a parse with every default suppressed)."""
-    p = build_parser()
-    for action in p._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(p.parse_args(argv)))
-
-
-def fin(v):
-    return isinstance(v, (int, float)) and math.isfinite(v)
-
-
-## Every flag's valid values, in one table, checked on the resolved config before any work:
-## (config key, valid(value, cfg), what is valid).
+## Every flag's valid values, in one table, checked on the resolved config before any work: (config key,
+## valid(value, cfg), what is valid). NaN fails every comparison; math.isfinite is there for unbounded ones (inf).
 CHECKS = [
     ('epochs', lambda v, c: v >= 1, 'an int >= 1'),
     ('cooldown_epochs', lambda v, c: v >= 0, 'an int >= 0'),
     ('warmup_epochs', lambda v, c: 0 <= v <= c['epochs'], lambda c: f'an int in [0, --epochs = {c["epochs"]}]'),
     ('global_batch_size', lambda v, c: v >= 1, 'an int >= 1'),
-    ('lr', lambda v, c: fin(v) and v > 0, 'a finite number > 0'),
-    ('min_lr', lambda v, c: fin(v) and 0 <= v <= c['lr'], lambda c: f'a number in [0, --lr = {c["lr"]:g}]'),
-    ('warmup_lr', lambda v, c: fin(v) and 0 <= v <= c['lr'], lambda c: f'a number in [0, --lr = {c["lr"]:g}]'),
-    ('weight_decay', lambda v, c: fin(v) and v >= 0, 'a finite number >= 0'),
-    ('smoothing', lambda v, c: fin(v) and 0 <= v < 1, 'a number in [0, 1)'),
-    ('mixup', lambda v, c: fin(v) and v >= 0, 'an alpha >= 0 (0 = off)'),
-    ('cutmix', lambda v, c: fin(v) and v >= 0, 'an alpha >= 0 (0 = off)'),
-    ('reprob', lambda v, c: fin(v) and 0 <= v <= 1, 'a probability in [0, 1]'),
-    ('hflip', lambda v, c: fin(v) and 0 <= v <= 1, 'a probability in [0, 1]'),
-    ('rrc_scale', lambda v, c: all(map(fin, v)) and 0 < v[0] <= v[1] <= 1, 'two numbers 0 < min <= max <= 1'),
-    ('eval_crop_pct', lambda v, c: fin(v) and 0 < v <= 1, 'a fraction in (0, 1]'),
+    ('lr', lambda v, c: math.isfinite(v) and v > 0, 'a finite number > 0'),
+    ('min_lr', lambda v, c: 0 <= v <= c['lr'], lambda c: f'a number in [0, --lr = {c["lr"]:g}]'),
+    ('warmup_lr', lambda v, c: 0 <= v <= c['lr'], lambda c: f'a number in [0, --lr = {c["lr"]:g}]'),
+    ('weight_decay', lambda v, c: math.isfinite(v) and v >= 0, 'a finite number >= 0'),
+    ('smoothing', lambda v, c: 0 <= v < 1, 'a number in [0, 1)'),
+    ('mixup', lambda v, c: math.isfinite(v) and v >= 0, 'an alpha >= 0 (0 = off)'),
+    ('cutmix', lambda v, c: math.isfinite(v) and v >= 0, 'an alpha >= 0 (0 = off)'),
+    ('reprob', lambda v, c: 0 <= v <= 1, 'a probability in [0, 1]'),
+    ('hflip', lambda v, c: 0 <= v <= 1, 'a probability in [0, 1]'),
+    ('rrc_scale', lambda v, c: 0 < v[0] <= v[1] <= 1, 'two numbers 0 < min <= max <= 1'),
+    ('eval_crop_pct', lambda v, c: 0 < v <= 1, 'a fraction in (0, 1]'),
     ('synthetic_size', lambda v, c: v >= 1, 'an int >= 1'),
     ('workers', lambda v, c: v is None or 0 <= v <= (os.cpu_count() or 1),
      f'an int in [0, {os.cpu_count() or 1}] (the CPUs of this machine)'),
@@ -250,19 +215,15 @@ CHECKS = [
 
 def resolve_config(args, world_size):
     """Merge the recipe of --model with the flags and check every value; returns a JSON-able dict (config.json)."""
-    rname = recipe_name(args.model)
+    rname = 'vit_lite' if args.model.startswith('vit_lite') else 'deit'
     recipe = {**RECIPES[rname], **COMMON_RECIPE}
-    cfg = dict(vars(args))
-    for k, v in recipe.items():
-        if cfg.get(k) is None:
-            cfg[k] = v
-    cfg['recipe'], cfg['data'] = rname, args.data or recipe['data']
+    cfg = {**vars(args), **{k: v for k, v in recipe.items() if getattr(args, k, None) is None}, 'recipe': rname}
     if args.no_aug:
         cfg.update(mixup=0.0, cutmix=0.0, reprob=0.0, hflip=0.0, randaug='none', random_crop=False)
     cfg['rrc_scale'] = list(cfg['rrc_scale'])
     if args.lr is None and recipe['lr_base_batch']:
         cfg['lr'] = recipe['lr'] * cfg['global_batch_size'] / recipe['lr_base_batch']  # DeiT's linear scaling rule
-    bad = [f'{flag(k)} {show_value(cfg[k])} is invalid: must be {what(cfg) if callable(what) else what}'
+    bad = [f'{flag(k)} {show(cfg[k])} is invalid: must be {what(cfg) if callable(what) else what}'
            for k, ok, what in CHECKS if not ok(cfg[k], cfg)]
     if args.lr is None and recipe['lr_base_batch'] and cfg['lr'] < max(cfg['min_lr'], cfg['warmup_lr']):
         bad.append(f'(--lr was not given: DeiT\'s rule 5e-4 x global batch / 512 makes it {cfg["lr"]:g} for '
@@ -280,12 +241,10 @@ def resolve_config(args, world_size):
     cfg.update(world_size=world_size, per_process_batch_size=B // world_size,
                total_epochs=cfg['epochs'] + cfg['cooldown_epochs'])
     # what create_model needs besides (name, pe): the architecture and PE-knob overrides the user gave
-    kw = {'num_classes': DATASETS[cfg['data']]['num_classes']}
-    kw.update({key: cfg[dest] for dest, key in ARCH_FLAGS.items() if cfg[dest] is not None})
-    for knob in mpvg.PE_KNOBS:
-        ## --layerwise-from / --last-ln-pe accept 'none' as a value, so "not given" is their absence (SUPPRESS)
-        if (knob in cfg) if knob in ('layerwise_from', 'last_ln_pe') else cfg.get(knob) is not None:
-            kw[knob] = cfg[knob]
+    kw = {'num_classes': DATASETS[cfg['data']]['num_classes'],
+          **{key: cfg[dest] for dest, key in ARCH_FLAGS.items() if cfg[dest] is not None},
+          **{k: cfg[k] for k in mpvg.PE_KNOBS if k in ('layerwise_from', 'last_ln_pe') and k in cfg
+             or cfg.get(k) is not None}}
     cfg['model_kwargs'] = kw
     try:
         cfg['img_size_resolved'] = mpvg.make_config(cfg['model'], pe=cfg['pe'], **kw).img_size  # no weights built
@@ -296,56 +255,41 @@ def resolve_config(args, world_size):
     return cfg
 
 
-def show_value(v):
-    return ' '.join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
-
-
 def check_paths(cfg, args):
     """The data and output paths, before any work: what exists, what is writable."""
-    root = cfg['data_path']
-    if cfg['data'] == 'imagenet':
-        missing = [s for s in ('train', 'val') if not os.path.isdir(os.path.join(root, s))]
-        if missing:
-            raise UserError(f'--data-path {root}: no {" or ".join(missing)} folder there. Expected ImageNet-1K as '
-                            f'ImageFolders {root}/train/<class>/<image> and {root}/val/<class>/<image>; ImageNet '
-                            f'cannot be downloaded automatically: get ILSVRC2012 from https://image-net.org.')
+    root, out = cfg['data_path'], cfg['output_dir']
+    missing = [s for s in ('train', 'val') if not os.path.isdir(os.path.join(root, s))]
+    if cfg['data'] == 'imagenet' and missing:
+        raise UserError(f'--data-path {root}: no {" or ".join(missing)} folder there. Expected ImageNet-1K as '
+                        f'ImageFolders {root}/train/<class>/<image> and {root}/val/<class>/<image>; it cannot be '
+                        f'downloaded automatically: get ILSVRC2012 from https://image-net.org.')
     if cfg['data'] == 'cifar100' and not cfg['download'] and not os.path.isdir(os.path.join(root, 'cifar-100-python')):
         raise UserError(f'CIFAR-100 not found at {root}/cifar-100-python and --no-download is set. Get it with: '
                         f'mkdir -p {root} && curl -L {CIFAR100_URL} | tar xz -C {root}')
-    if args.eval_only:
-        return
-    out = cfg['output_dir']
     parent = out
     while not os.path.exists(parent):
         parent = os.path.dirname(os.path.abspath(parent))
-    if not os.path.isdir(parent):
-        raise UserError(f'--output-dir {out}: {parent} is a file, not a folder.')
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f'--output-dir {out}: {parent} is not writable by this user.')
+    if not args.eval_only and not (os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK)):
+        raise UserError(f'--output-dir {out}: {parent} is {"a file" if os.path.isfile(parent) else "not writable"}; '
+                        f'the run needs a folder it can write.')
 
 
 def parse_randaug(s):
-    """'rand-m9-mstd0.5-inc1' -> dict(num_ops=2, magnitude=9.0, magnitude_std=0.5); 'none' -> None."""
-    if s is None or s.lower() == 'none':
+    """'rand-m9-mstd0.5-inc1' -> dict(num_ops=2, magnitude=9.0, magnitude_std=0.5); 'none' -> None (timm's format:
+    m<magnitude>, n<ops>, mstd<std>, inc1; only the 'increasing' op set, the paper's, is implemented)."""
+    if s.lower() == 'none':
         return None
-    out, inc = dict(num_ops=2, magnitude=10.0, magnitude_std=0.0), False
+    parts = dict(re.findall(r'-(mstd|m|n|inc)([0-9.]+)', s))
     try:
-        parts = s.split('-')
-        if parts[0] != 'rand':
-            raise ValueError
-        for part in parts[1:]:
-            key, value = re.fullmatch(r'([a-z]+)([0-9.]+)', part).groups()
-            if key == 'inc':
-                inc = bool(int(value))
-            else:
-                out[{'m': 'magnitude', 'n': 'num_ops', 'mstd': 'magnitude_std'}[key]] = (int if key == 'n' else
-                                                                                       float)(value)
-    except (ValueError, KeyError, AttributeError):
-        raise ValueError(f"--randaug {s!r} is invalid: must be a timm RandAugment string like "
-                         f"'rand-m9-mstd0.5-inc1' (parts m<magnitude>, n<ops>, mstd<std>, inc1) or 'none'") from None
-    if not inc or not 0 <= out['magnitude'] <= 10 or out['magnitude_std'] < 0:
-        raise ValueError(f"--randaug {s!r} is invalid: only the 'increasing' op set (inc1, the paper's) with "
-                         f"0 <= m <= 10 and mstd >= 0 is implemented")
+        out = dict(num_ops=int(parts.get('n', 2)), magnitude=float(parts.get('m', 10)),
+                   magnitude_std=float(parts.get('mstd', 0)))
+        ok = re.fullmatch(r'rand(-(mstd|m|n|inc)[0-9.]+)*', s) and parts.get('inc') == '1'
+        ok = ok and 0 <= out['magnitude'] <= 10
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"--randaug {s!r} is invalid: must be 'none' or a timm RandAugment string of the increasing "
+                         f"op set like 'rand-m9-mstd0.5-inc1' (m<magnitude 0..10>, n<ops>, mstd<std>, inc1)")
     return out
 
 
@@ -353,32 +297,24 @@ def parse_randaug(s):
 # provenance: what made this run
 
 def provenance(argv, world):
-    """Code (git commit, dirty tree, source hashes), command, library versions, hardware of every rank."""
+    """Code (git commit, dirty tree, source hashes), command, library versions, hosts and devices of all ranks."""
     here = os.path.dirname(os.path.abspath(__file__))
-
-    def git(*a):
-        try:
-            r = subprocess.run(['git', '-C', here, *a], capture_output=True, text=True, timeout=20)
-            return r.stdout.strip() if r.returncode == 0 else None
-        except (OSError, subprocess.SubprocessError):
-            return None
-    commit = git('rev-parse', 'HEAD')
-    sources = {}
-    for name in ('train.py', 'mpvg.py'):
-        with open(os.path.join(here, name), 'rb') as f:
-            sources[name] = hashlib.sha256(f.read()).hexdigest()[:16]
+    git = lambda *a: subprocess.run(['git', '-C', here, *a], capture_output=True, text=True, timeout=20).stdout.strip()
+    try:
+        commit, dirty = git('rev-parse', 'HEAD') or None, bool(git('status', '--porcelain', '--untracked-files=no'))
+    except (OSError, subprocess.SubprocessError):  # no git on this machine
+        commit, dirty = None, None
     cuda = torch.cuda.is_available()
-    me = dict(host=socket.gethostname(), device=torch.cuda.get_device_name() if cuda else platform.processor()
-              or platform.machine())
-    ranks = [me] * world
+    ranks = [dict(host=socket.gethostname(), device=torch.cuda.get_device_name() if cuda else platform.machine())]
     if world > 1:
-        dist.all_gather_object(ranks, me)
-    return dict(command='python train.py ' + shlex.join(argv), git_commit=commit,
-                git_dirty=None if commit is None else bool(git('status', '--porcelain', '--untracked-files=no')),
-                source_sha256=sources, python=platform.python_version(), torch=str(torch.__version__),
-                torchvision=str(torchvision.__version__), cuda=torch.version.cuda if cuda else None,
-                cudnn=torch.backends.cudnn.version() if cuda else None, world_size=world,
-                hosts=sorted({r['host'] for r in ranks}), devices=[r['device'] for r in ranks])
+        ranks = ranks * world
+        dist.all_gather_object(ranks, ranks[0])
+    sha = lambda name: hashlib.sha256(open(os.path.join(here, name), 'rb').read()).hexdigest()[:16]
+    return dict(command='python train.py ' + shlex.join(argv), git_commit=commit, git_dirty=dirty if commit else None,
+                source_sha256={n: sha(n) for n in ('train.py', 'mpvg.py')}, python=platform.python_version(),
+                torch=str(torch.__version__), torchvision=str(torchvision.__version__),
+                cuda=torch.version.cuda if cuda else None, cudnn=torch.backends.cudnn.version() if cuda else None,
+                world_size=world, hosts=sorted({r['host'] for r in ranks}), devices=[r['device'] for r in ranks])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -423,7 +359,7 @@ class FolderImages(torch.utils.data.Dataset):
         if self.train:
             g = torch.Generator().manual_seed(seed)
             box = rrc_boxes(1, H, W, self.cfg['rrc_scale'], g)
-            bicubic = torch.rand(1, generator=g) < bicubic_share(self.cfg['interpolation'])
+            bicubic = torch.rand(1, generator=g) < BICUBIC_SHARE[self.cfg['interpolation']]
         else:
             box, bicubic = center_crop_box(H, W, S, self.cfg['eval_crop_pct']), torch.ones(1, dtype=torch.bool)
         x = resized_crop(img[None].float(), box, S, bicubic, inside_box=self.train)
@@ -433,13 +369,9 @@ class FolderImages(torch.utils.data.Dataset):
 def load_cifar100(root, download, local_rank):
     folder = os.path.join(root, 'cifar-100-python')
     files = [os.path.join(folder, s) for s in ('train', 'test')]
-    how = (f'Expected the official CIFAR-100 python version at {folder}/{{train,test,meta}} (extracted from '
-           f'{CIFAR100_URL}). Get it with: mkdir -p {root} && curl -L {CIFAR100_URL} | tar xz -C {root} '
-           f'(or run once with network access: train.py downloads it), or point --data-path at the folder '
-           f'that holds cifar-100-python/.')
+    how = (f'Expected the official CIFAR-100 python version at {folder}/{{train,test,meta}}: mkdir -p {root} && '
+           f'curl -L {CIFAR100_URL} | tar xz -C {root}, or point --data-path at the folder holding cifar-100-python/.')
     if not all(os.path.isfile(f) for f in files):
-        if not download:
-            raise UserError(f'CIFAR-100 not found and --no-download is set. {how}')
         if local_rank == 0:  # one download per node; the other processes wait at the barrier
             try:
                 torchvision.datasets.utils.download_and_extract_archive(CIFAR100_URL, root, md5=CIFAR100_MD5)
@@ -451,35 +383,32 @@ def load_cifar100(root, download, local_rank):
         try:
             with open(f, 'rb') as fh:
                 d = pickle.load(fh, encoding='bytes')
-            images = torch.as_tensor(d[b'data'], dtype=torch.uint8).reshape(-1, 3, 32, 32)  # (n, 3072) -> (n, 3, 32, 32)
+            images = torch.as_tensor(d[b'data'], dtype=torch.uint8).view(-1, 3, 32, 32)  # (n, 3072) -> (n, 3, 32, 32)
             labels = torch.as_tensor(d[b'fine_labels'], dtype=torch.long)
             if len(labels) != len(images) or len(labels) == 0 or labels.min() < 0 or labels.max() >= 100:
                 raise ValueError(f'{len(images)} images, {len(labels)} labels in [{labels.min()}, {labels.max()}]')
         except Exception as e:
-            raise UserError(f'{f} is not a valid CIFAR-100 python file ({type(e).__name__}: {e}): expected a '
-                            f'pickled dict with b"data" (n, 3072) uint8 and b"fine_labels" (n ints in 0..99). '
-                            f'Delete {folder} to download it again. {how}')
+            raise UserError(f'{f} is not a valid CIFAR-100 python file ({type(e).__name__}: {e}): expected a pickled '
+                            f'dict with b"data" (n, 3072) uint8 and b"fine_labels" (n ints in 0..99). Delete {folder} '
+                            f'to download it again. {how}')
         out.append(TensorImages(images, labels))
     return out
 
 
 def load_imagenet(cfg):
-    root, how = cfg['data_path'], 'Expected ImageNet-1K as ImageFolders <data-path>/train/<class>/<image> and ' \
-                                  '<data-path>/val/<class>/<image> (val sorted into the same class folders).'
-    out = []
+    root, out = cfg['data_path'], []
     for split in ('train', 'val'):
         try:
             out.append(FolderImages(os.path.join(root, split), cfg, train=split == 'train'))
-        except Exception as e:  # FileNotFoundError for a missing folder or no images
-            raise UserError(f'ImageNet {split} split not usable ({type(e).__name__}: {e}). {how}')
-    if out[0].classes != out[1].classes:
-        raise UserError(f'{root}/train has {len(out[0].classes)} classes and {root}/val has '
-                        f'{len(out[1].classes)} with different names; they must be the same folders. {how}')
-    if len(out[0].classes) > DATASETS['imagenet']['num_classes']:
-        raise UserError(f'{root}/train has {len(out[0].classes)} classes, more than ImageNet-1K\'s 1000. {how}')
-    if len(out[0].classes) < DATASETS['imagenet']['num_classes']:
-        print(f'note: {root} has {len(out[0].classes)} classes, the model gets 1000 outputs (ImageNet-1K)',
-              file=sys.stderr)
+        except Exception as e:  # FileNotFoundError: no images
+            raise UserError(f'ImageNet {split} split not usable ({type(e).__name__}: {e}). Expected ImageNet-1K as '
+                            f'ImageFolders {root}/train/<class>/<image> and {root}/val/<class>/<image>.')
+    classes = out[0].classes
+    if classes != out[1].classes or len(classes) > 1000:
+        raise UserError(f'{root}/train has {len(classes)} classes and {root}/val {len(out[1].classes)}: they must be '
+                        f'the same class folders, at most ImageNet-1K\'s 1000.')
+    if len(classes) < 1000:
+        print(f'note: {root} has {len(classes)} classes, the model gets 1000 outputs (ImageNet-1K)', file=sys.stderr)
     return out
 
 
@@ -525,7 +454,7 @@ class EpochSampler(torch.utils.data.Sampler):
 
     @property
     def steps(self):
-        return ra_num_selected(self.n, self.world) // self.b if self.repeated else self.n // self.B
+        return self.n // 256 * 256 // self.world // self.b if self.repeated else self.n // self.B
 
     def indices(self):
         """This rank's sample indices for the whole epoch, steps * per-process batch of them."""
@@ -535,20 +464,13 @@ class EpochSampler(torch.utils.data.Sampler):
         return train_indices(self.n, self.B, self.world, self.rank, derive_seed(self.seed, self.epoch))
 
     def keys(self):
-        keys = []
-        for p, i in enumerate(self.indices()):
-            ## a copy of an image on another rank must get another crop: the rank enters the seed; in the plain
-            ## case the position in the global order does, so any world size crops an image alike
-            s, j = divmod(p, self.b)
-            where = (self.rank, p) if self.repeated else (s * self.B + self.rank * self.b + j,)
-            keys.append((int(i), derive_seed(self.seed, self.epoch, *where)))
-        return keys
+        ## a copy of an image on another rank must get another crop: the rank enters the seed; in the plain case
+        ## the position in the global order does, so any world size crops an image alike
+        where = lambda p: (self.rank, p) if self.repeated else (p // self.b * self.B + self.rank * self.b + p % self.b,)
+        return [(int(i), derive_seed(self.seed, self.epoch, *where(p))) for p, i in enumerate(self.indices())]
 
     def __iter__(self):
         return iter(self.keys()[self.start_step * self.b:])
-
-    def __len__(self):
-        return (self.steps - self.start_step) * self.b
 
 
 def train_indices(n, global_batch, world, rank, perm_seed):
@@ -556,10 +478,6 @@ def train_indices(n, global_batch, world, rank, perm_seed):
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(perm_seed))
     b, steps = global_batch // world, n // global_batch
     return perm[:steps * global_batch].view(steps, world, b)[:, rank].reshape(-1).tolist()  # (steps, world, b)
-
-
-def ra_num_selected(n, world):
-    return int(math.floor(n // 256 * 256 / world))
 
 
 def ra_indices(n, world, rank, perm_seed, repeats=RA_REPEATS):
@@ -571,7 +489,7 @@ def ra_indices(n, world, rank, perm_seed, repeats=RA_REPEATS):
     idx = torch.repeat_interleave(perm, repeats).tolist()
     total = int(math.ceil(n * repeats / world)) * world
     idx += idx[:total - len(idx)]
-    return idx[rank:total:world][:ra_num_selected(n, world)]
+    return idx[rank:total:world][:n // 256 * 256 // world]
 
 
 def eval_indices(n, world, rank):
@@ -629,20 +547,7 @@ def to_device(t, device):
     return t.pin_memory().to(device, non_blocking=True) if device.type == 'cuda' else t.to(device)
 
 
-def cubic(t, a):
-    """The cubic convolution kernel with parameter a (Pillow: a = -0.5 to resize, a = -1 to transform)."""
-    t = t.abs()
-    return torch.where(t < 1, ((a + 2) * t - (a + 3)) * t * t + 1,
-                       torch.where(t < 2, (((t - 5) * t + 8) * t - 4) * a, torch.zeros_like(t)))
-
-
-def triangle(t):
-    return (1 - t.abs()).clamp(min=0)
-
-
-def bicubic_share(interpolation):
-    """Probability that an image is resampled bicubic: 'random' picks bilinear or bicubic per image (timm)."""
-    return {'random': 0.5, 'bicubic': 1.0, 'bilinear': 0.0}[interpolation]
+BICUBIC_SHARE = {'random': 0.5, 'bicubic': 1.0, 'bilinear': 0.0}  # 'random': bilinear or bicubic per image (timm)
 
 
 def resize_matrix(start, length, n_out, n_in, bicubic, lo, hi):
@@ -658,8 +563,10 @@ def resize_matrix(start, length, n_out, n_in, bicubic, lo, hi):
     j = torch.arange(n_in, device=start.device, dtype=start.dtype).view(1, 1, -1)        # (1, 1, n_in)
     first = torch.maximum((c - support + 0.5).floor(), view(lo))                         # (B, n_out, 1)
     last = torch.minimum((c + support + 0.5).floor(), view(hi))
-    t = (j + 0.5 - c) / widen
-    w = torch.where(view(bicubic), cubic(t, -0.5), triangle(t)) * ((j >= first) & (j < last))
+    t, a = ((j + 0.5 - c) / widen).abs(), -0.5  # Pillow's bicubic: the cubic convolution kernel with a = -0.5
+    cubic = torch.where(t < 1, ((a + 2) * t - (a + 3)) * t * t + 1,
+                        torch.where(t < 2, (((t - 5) * t + 8) * t - 4) * a, 0))
+    w = torch.where(view(bicubic), cubic, (1 - t).clamp(min=0)) * ((j >= first) & (j < last))  # bilinear: triangle
     return w / w.sum(-1, keepdim=True)
 
 
@@ -719,17 +626,16 @@ def erase_boxes(n, height, width, prob, gen=None):
     """timm RandomErasing(prob, mode 'pixel', max_count 1): with probability prob, 10 tries of an area fraction
     U(0.02, 1/3) and an aspect ratio log-uniform in (0.3, 1/0.3); the first box smaller than the image wins.
     -> (n, 4) (top, left, h, w), h = w = 0 where nothing is erased."""
-    boxes, ok = sample_boxes(n, height, width, (0.02, 1 / 3), (0.3, 1 / 0.3),
-                             lambda h, w: (h < height) & (w < width), gen)
+    boxes, ok = sample_boxes(n, height, width, (0.02, 1 / 3), (0.3, 1 / 0.3), lambda h, w: (h < height) & (w < width),
+                             gen)
     return boxes * (ok & (torch.rand(n, generator=gen) < prob)).view(-1, 1)
 
 
 def erase(x, boxes, noise):
     """Box (top, left, h, w) of each image gets the per-pixel noise."""
     top, left, h, w = (t.view(-1, 1, 1) for t in boxes.to(x.device).unbind(1))
-    rows = torch.arange(x.shape[-2], device=x.device).view(1, -1, 1)
-    cols = torch.arange(x.shape[-1], device=x.device).view(1, 1, -1)
-    inside = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)          # (B, H, W)
+    rows, cols = torch.arange(x.shape[-2], device=x.device).view(-1, 1), torch.arange(x.shape[-1], device=x.device)
+    inside = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)         # (B, H, W)
     return torch.where(inside.unsqueeze(1), noise, x)
 
 
@@ -863,18 +769,6 @@ def draw_randaug(n, ra, bicubic_p):
     return draws
 
 
-def randaugment_layer(x, op, arg, bicubic, fill):
-    """One RandAugment layer: image i gets op RA_OPS[op[i]] (none if -1) with argument arg[i]; each op runs once,
-    on the images that drew it. op, arg, bicubic: (B,) CPU tensors."""
-    out = x.clone()
-    for k, name in enumerate(RA_OPS):
-        sel = (op == k).nonzero().squeeze(1)
-        if sel.numel():
-            i = to_device(sel, x.device)
-            out[i] = RA_APPLY[name](x[i], to_device(arg[sel], x.device), bicubic[sel], fill)
-    return out
-
-
 def mix(x, y, cfg, num_classes, rint):
     """timm's Mixup(mixup_alpha, cutmix_alpha, prob 1, switch 0.5, mode 'batch', correct_lam) and mixup_target:
     one lambda ~ Beta(alpha, alpha) per batch, MixUp or CutMix 50/50 when both are on; image i is mixed with image
@@ -909,13 +803,13 @@ class Augment:
         [RandomResizedCrop: in-memory sets; image folders are cropped in the loader] -> h-flip -> RandAugment ->
         ViT-Lite (timm's prefetching loader): MixUp/CutMix on the uint8 batch -> normalize -> RandomErasing
         DeiT (per-image transform, then Mixup in the loop): normalize -> RandomErasing -> MixUp/CutMix.
-    eval(x): the eval geometry of in-memory sets (resize only when the model's size differs) and normalize."""
+    Evaluation: normalize(geometry(x))."""
 
     def __init__(self, cfg, mean, std, num_classes, crop):
         self.cfg, self.K, self.S = cfg, num_classes, cfg['img_size_resolved']
         self.crop = crop and cfg['random_crop']
         self.ra = parse_randaug(cfg['randaug'])
-        self.bicubic_p = bicubic_share(cfg['interpolation'])
+        self.bicubic_p = BICUBIC_SHARE[cfg['interpolation']]
         self.mean, self.std = (torch.tensor(v).view(1, -1, 1, 1) for v in (mean, std))
         self.fill = torch.tensor([min(255, round(255 * m)) for m in mean], dtype=torch.float32)  # timm's img_mean
 
@@ -923,29 +817,28 @@ class Augment:
         return (x / 255.0 - self.mean.to(x.device)) / self.std.to(x.device)
 
     def geometry(self, x):
-        """In-memory sets' eval geometry: the image as it is, resized (bicubic) only when the model's size differs."""
+        """The eval geometry of in-memory sets: the image as is, resized (bicubic) if the model's size differs."""
         if tuple(x.shape[-2:]) == (self.S, self.S):
-            return x
+            return x.float()
         box = torch.tensor([[0.0, 0.0, *x.shape[-2:]]], dtype=torch.float64).expand(len(x), 4)
-        return resized_crop(x, box, self.S, torch.ones(len(x), dtype=torch.bool))
-
-    def eval(self, x):
-        return self.normalize(self.geometry(x.float()))
+        return resized_crop(x.float(), box, self.S, torch.ones(len(x), dtype=torch.bool))
 
     def __call__(self, x, y):
         B, cfg, dev = len(x), self.cfg, x.device
-        x = x.float()
         if self.crop:
             boxes = rrc_boxes(B, *x.shape[-2:], cfg['rrc_scale'])
-            x = resized_crop(x, boxes, self.S, torch.rand(B) < self.bicubic_p)
+            x = resized_crop(x.float(), boxes, self.S, torch.rand(B) < self.bicubic_p)
         else:
             x = self.geometry(x)
         if cfg['hflip'] > 0:
             x = torch.where(to_device(torch.rand(B) < cfg['hflip'], dev).view(-1, 1, 1, 1), x.flip(-1), x)
-        if self.ra:
-            fill = self.fill.to(dev)
-            for op, arg, bicubic in draw_randaug(B, self.ra, self.bicubic_p):
-                x = randaugment_layer(x, op, arg, bicubic, fill)
+        for op, arg, bicubic in draw_randaug(B, self.ra, self.bicubic_p) if self.ra else ():
+            x = x.clone()  # RandAugment: each op runs once, on the images that drew it
+            for k, name in enumerate(RA_OPS):
+                if (op == k).any():
+                    sel = (op == k).nonzero()[:, 0]
+                    i = to_device(sel, dev)
+                    x[i] = RA_APPLY[name](x[i], to_device(arg[sel], dev), bicubic[sel], self.fill.to(dev))
         if cfg['mix_first']:
             x, target = mix(x, y, cfg, self.K, rint=True)
         x = self.normalize(x)
@@ -1007,13 +900,13 @@ def dist_env():
 
 
 def barrier():
-    if dist.is_available() and dist.is_initialized():
+    if dist.is_initialized():
         dist.barrier()
 
 
-def all_reduce(t, op=None):
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+def all_reduce(t, op=dist.ReduceOp.SUM):
+    if dist.is_initialized():
+        dist.all_reduce(t, op=op)
     return t
 
 
@@ -1050,7 +943,12 @@ class Stopped(Exception):
 ## last.pt and copies last.pt to best.pt when the best epoch is the last one and best.pt missed it.
 
 def atomic_write(path, data):
-    """Write bytes to path atomically: a temporary file in the same folder, fsync, rename, fsync the folder."""
+    """Write bytes (or a checkpoint dict) to path atomically: a temporary file in the same folder, fsync, rename,
+    fsync the folder. A write error (full disk) leaves the previous file intact and says so. -> the bytes."""
+    if isinstance(data, dict):
+        buf = io.BytesIO()
+        torch.save(data, buf)
+        data = buf.getvalue()
     tmp = f'{path}.tmp{os.getpid()}'
     try:
         with open(tmp, 'wb') as f:
@@ -1068,24 +966,18 @@ def atomic_write(path, data):
         raise UserError(f'could not write {path}: {e.strerror} ({errno.errorcode.get(e.errno, e.errno)}).{full} '
                         f'The previous {os.path.basename(path)} (if any) is intact; make room or fix the folder, '
                         f'then rerun with --resume auto.') from None
+    return data
 
 
 def write_record(out, ckpt, improved, line):
     """The end of an epoch on disk, in the order that keeps the record consistent: last.pt (the commit point),
     best.pt on a new best top-1, then the epoch's line in log.jsonl (and on stdout)."""
-    data = checkpoint_bytes(ckpt)
-    atomic_write(os.path.join(out, 'last.pt'), data)
+    data = atomic_write(os.path.join(out, 'last.pt'), ckpt)
     if improved:
         atomic_write(os.path.join(out, 'best.pt'), data)
     with open(os.path.join(out, 'log.jsonl'), 'a') as f:
         f.write(json.dumps(line) + '\n')
     print(json.dumps(line), flush=True)
-
-
-def checkpoint_bytes(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
 
 
 def lock_run_folder(out):
@@ -1101,27 +993,37 @@ def lock_run_folder(out):
         raise UserError(f'--output-dir {out} is in use by another train.py run ({holder}); wait for it to end, or '
                         f'use another --output-dir.') from None
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f'pid {os.getpid()} on {socket.gethostname()} since {time.strftime("%Y-%m-%d %H:%M:%S")}\n'
-              .encode(), 0)
+    os.pwrite(fd, f'pid {os.getpid()} on {socket.gethostname()} since {time.strftime("%F %T")}\n'.encode(), 0)
     return fd
 
 
-def prepare_run_folder(cfg, args, resume):
-    """Rank 0, under the lock: refuse to clobber another run, remove what a killed run left half-written."""
-    out = cfg['output_dir']
+def claim_run_folder(cfg, args, resume, rank, device):
+    """Rank 0 locks the run folder, refuses to clobber another run and removes what a killed run left half-written;
+    every rank stops if that fails. -> the lock's file descriptor (rank 0) or None."""
+    fd, error, out = None, None, cfg['output_dir']
+    try:
+        if rank == 0:
+            fd = lock_run_folder(out)
+            prepare_run_folder(out, args, resume)
+    except UserError as e:
+        if fd is not None:
+            os.close(fd)
+        fd, error = None, e
+    agree(error, device)
+    return fd
+
+
+def prepare_run_folder(out, args, resume):
     present = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
     ours = resume and os.path.abspath(os.path.dirname(resume)) == os.path.abspath(out)
     ## --resume auto without a last.pt: a run killed before its first checkpoint left no weights, start afresh
     nothing_lost = args.resume == 'auto' and not set(present) & {'last.pt', 'best.pt'}
-    if present and not ours and not args.overwrite and not nothing_lost:
+    if present and not (ours or args.overwrite or nothing_lost):
         raise UserError(f'--output-dir {out} already holds a run ({", ".join(present)}). Continue it with '
                         f'--resume auto, replace it with --overwrite, or pick another --output-dir.')
-    if present and not ours:
-        for f in present:
+    for f in os.listdir(out):  # another run's files (replaced on purpose), or a write that a kill interrupted
+        if (f in present and not ours) or re.fullmatch(r'(config\.json|log\.jsonl|last\.pt|best\.pt)\.tmp\d+', f):
             os.remove(os.path.join(out, f))
-    for f in os.listdir(out):
-        if re.fullmatch(r'(config\.json|log\.jsonl|last\.pt|best\.pt)\.tmp\d+', f):
-            os.remove(os.path.join(out, f))  # a write that a kill interrupted
 
 
 def load_checkpoint(path):
@@ -1141,48 +1043,41 @@ def load_checkpoint(path):
 def check_resume(saved, cfg, ckpt, args, path):
     """Refuse a resume that would silently change the run; --allow-change lets recipe values differ on purpose."""
     allowed = {a.lstrip('-').replace('-', '_') for a in args.allow_change}
-    unknown = sorted(allowed - set(CHANGEABLE))
-    if unknown:
-        raise UserError(f'--allow-change {" ".join(unknown)}: not a flag a resume may change; valid: '
-                        f'{", ".join(k.replace("_", "-") for k in CHANGEABLE)}. The model, --pe, knob, architecture '
-                        f'and --data flags identify a run and never change.')
+    if allowed - set(CHANGEABLE):
+        raise UserError(f'--allow-change {" ".join(sorted(allowed - set(CHANGEABLE)))}: not a flag a resume may '
+                        f'change; valid: {", ".join(flag(k)[2:] for k in CHANGEABLE)}. The model, --pe, knob, '
+                        f'architecture and --data flags identify a run and never change.')
     diff = lambda keys: [k for k in keys if saved.get(k) != cfg[k]]
-    show = lambda ks: '; '.join(f'{flag(k)}: checkpoint {show_value(saved.get(k))}, now {show_value(cfg[k])}'
-                                for k in ks)
+    says = lambda ks: '; '.join(f'{flag(k)}: checkpoint {show(saved.get(k))}, now {show(cfg[k])}' for k in ks)
     if diff(IDENTITY):
-        raise UserError(f'refusing to use {path}: it belongs to a different run ({show(diff(IDENTITY))}). Use '
+        raise UserError(f'refusing to resume {path}: it belongs to a different run ({says(diff(IDENTITY))}). Use '
                         f'the flags of the run that wrote it, or a new --output-dir without --resume.')
-    changed = [] if args.eval_only else diff(CHANGEABLE)  # evaluation may use another crop, batch...
+    changed = diff(CHANGEABLE)
     if set(changed) - allowed:
-        raise UserError(f'refusing to resume {path}: this command changes the run ({show(changed)}). Rerun with the '
-                        f'checkpoint\'s values, or add --allow-change {" ".join(flag(k)[2:] for k in changed)} '
-                        f'to continue with the new values on purpose.')
-    mid_epoch = ckpt['step'] > 0
-    boundary = [k for k in changed if k in EPOCH_BOUNDARY_ONLY]
-    if saved.get('world_size') != cfg['world_size'] and cfg['repeated_aug']:
-        boundary.append('world_size')
-    if mid_epoch and boundary:
+        raise UserError(f'refusing to resume {path}: this command changes the run ({says(changed)}). Rerun with the '
+                        f'checkpoint\'s values, or add --allow-change {" ".join(flag(k)[2:] for k in changed)} to '
+                        f'continue with the new values on purpose.')
+    cut = [k for k in changed if k in EPOCH_BOUNDARY_ONLY] + (
+        ['world_size'] if saved.get('world_size') != cfg['world_size'] and cfg['repeated_aug'] else [])
+    if ckpt['step'] > 0 and cut:
         raise UserError(f'refusing to resume {path} in the middle of epoch {ckpt["epoch"]} (step {ckpt["step"]}): '
-                        f'{", ".join(boundary)} changes how an epoch is cut into steps, so the rest of this epoch '
-                        f'would skip or repeat images. Resume with the checkpoint\'s values (and process count) '
-                        f'to finish the epoch, then change them.')
+                        f'{", ".join(cut)} changes how an epoch is cut into steps, so the rest of this epoch would '
+                        f'skip or repeat images. Resume with the checkpoint\'s values (and process count) to finish '
+                        f'the epoch, then change them.')
 
 
 def reconcile_record(out, ckpt):
     """After a kill: log.jsonl from last.pt's log lines; best.pt from last.pt when it missed the last epoch."""
     atomic_write(os.path.join(out, 'log.jsonl'), ''.join(json.dumps(ln) + '\n' for ln in ckpt['log']).encode())
-    best, be = os.path.join(out, 'best.pt'), ckpt['best_epoch']
-    if be < 0:
-        return
     try:
-        ok = torch.load(best, map_location='cpu', weights_only=True, mmap=True)['best_epoch'] == be
-    except Exception:
-        ok = False
-    if not ok and ckpt['epoch'] == be + 1 and ckpt['step'] == 0:
+        ok = torch.load(os.path.join(out, 'best.pt'), weights_only=True, mmap=True)['best_epoch'] == ckpt['best_epoch']
+    except Exception:  # missing or half-written
+        ok = ckpt['best_epoch'] < 0
+    if not ok and ckpt['epoch'] == ckpt['best_epoch'] + 1 and ckpt['step'] == 0:  # the best is the last epoch
         with open(os.path.join(out, 'last.pt'), 'rb') as f:
-            atomic_write(best, f.read())
+            atomic_write(os.path.join(out, 'best.pt'), f.read())
     elif not ok:
-        print(f'warning: {best} does not hold the best epoch {be} and cannot be rebuilt from last.pt',
+        print(f'warning: {out}/best.pt does not hold the best epoch {ckpt["best_epoch"]} (cannot rebuild it)',
               file=sys.stderr)
 
 
@@ -1196,7 +1091,7 @@ def evaluate(model, loader, augment, device, autocast):
     model.eval()
     counts = torch.zeros(3, dtype=torch.long, device=device)  # correct@1, correct@5, n
     for x, y in loader:
-        x, y = augment.eval(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
+        x, y = augment.normalize(augment.geometry(x.to(device, non_blocking=True))), y.to(device, non_blocking=True)
         with autocast:
             logits = model(x)
         hit = logits.topk(min(5, logits.shape[-1]), dim=-1).indices == y[:, None]  # (B, 5)
@@ -1274,7 +1169,7 @@ def train(cfg, raw_model, model, optimizer, loaders, augment, sampler, state, de
                     pbar.close()
                     ckpt = make_checkpoint(cfg, raw_model, optimizer, epoch, step + 1, all_reduce(loss_sum), state)
                     if rank == 0:
-                        atomic_write(os.path.join(out, 'last.pt'), checkpoint_bytes(ckpt))
+                        atomic_write(os.path.join(out, 'last.pt'), ckpt)
                     barrier()
                     raise Stopped(f'stopped by {STOP["signal"] or "a signal on another rank"} at epoch {epoch}, '
                                   f'step {step + 1}/{steps}; {os.path.join(out, "last.pt")} written. Continue with '
@@ -1284,7 +1179,8 @@ def train(cfg, raw_model, model, optimizer, loaders, augment, sampler, state, de
             torch.cuda.synchronize()
         train_time = time.time() - t0
         train_loss = all_reduce(loss_sum).item() / (world * steps)
-        top1, top5, n = evaluate(raw_eval_model(model), loaders['val'], augment, device, autocast)
+        ## evaluate the raw model: ranks see different numbers of batches, DDP's forward could sync
+        top1, top5, n = evaluate(raw_model, loaders['val'], augment, device, autocast)
         line = dict(epoch=epoch, train_loss=round(train_loss, 6), val_top1=round(top1, 4), val_top5=round(top5, 4),
                     val_n=n, lr=lr, img_per_s=round((steps - start) * cfg['global_batch_size'] / train_time, 1),
                     epoch_time_s=round(time.time() - t0, 2))
@@ -1303,11 +1199,6 @@ def train(cfg, raw_model, model, optimizer, loaders, augment, sampler, state, de
     return state
 
 
-def raw_eval_model(model):
-    ## evaluate without the DDP wrapper: ranks see different numbers of batches, DDP's forward could sync
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # main
 
@@ -1315,40 +1206,39 @@ def resolve_run(argv, world):
     """Every check that needs no process group, data or model: flags, paths, the --resume checkpoint.
     -> (args, cfg, checkpoint path or None, checkpoint or None)."""
     args = build_parser().parse_args(argv)
-    if args.eval_only and not args.resume:
-        raise UserError('--eval-only needs --resume PATH (or --resume auto) to know which weights to evaluate.')
-    resume, ckpt = (None, None) if args.resume in (None, 'auto') else (args.resume, None)
-    if resume:
-        if not os.path.isfile(resume):
-            raise UserError(f'--resume {resume}: no such file.')
-        ckpt = load_checkpoint(resume)
-        if args.eval_only:
-            adopt_config(args, ckpt['config'], given_flags(argv), world)
+    if args.eval_only:
+        return (args,) + eval_config(args, world)
     cfg = resolve_config(args, world)
     check_paths(cfg, args)
-    if args.resume == 'auto':
-        resume = os.path.join(cfg['output_dir'], 'last.pt')
-        if os.path.exists(resume):
-            ckpt = load_checkpoint(resume)
-        elif args.eval_only:
-            raise UserError(f'--resume auto: {resume} does not exist.')
-        else:
-            resume = None
+    resume = os.path.join(cfg['output_dir'], 'last.pt') if args.resume == 'auto' else args.resume
+    if args.resume == 'auto' and not os.path.exists(resume):
+        resume = None  # nothing to resume yet: a new run
+    elif resume and not os.path.isfile(resume):
+        raise UserError(f'--resume {resume}: no such file.')
+    ckpt = load_checkpoint(resume) if resume else None
     if ckpt is not None:
         check_resume(ckpt['config'], cfg, ckpt, args, resume)
     return args, cfg, resume, ckpt
 
 
-def adopt_config(args, saved, given, world):
-    """--eval-only: the model and data settings are the checkpoint's; the flags typed now choose only where the
-    data is and how it is read (any other flag typed must agree with the checkpoint: check_resume)."""
-    free = {'data_path', 'download', 'workers', 'resume', 'eval_only', 'amp', 'compile', 'no_progress',
-            'log_interval', 'output_dir', 'allow_change', 'overwrite'}
-    for k, v in saved.items():
-        if (hasattr(args, k) or k in ('layerwise_from', 'last_ln_pe')) and k not in given | free:
-            setattr(args, k, tuple(v) if k == 'rrc_scale' else v)
-    if 'global_batch_size' not in given:  # any batch evaluates alike; one that splits over this run's processes
-        args.global_batch_size = max(saved['global_batch_size'] // world, 1) * world
+EVAL_FLAGS = ('data_path', 'download', 'workers', 'global_batch_size', 'amp', 'resume', 'eval_only', 'no_progress')
+
+
+def eval_config(args, world):
+    """--eval-only evaluates a checkpoint with the model, data and recipe it was trained with: only where the data
+    is and how it is read (EVAL_FLAGS) may be given."""
+    if args.resume in (None, 'auto') or not os.path.isfile(args.resume):
+        raise UserError(f'--eval-only needs --resume PATH, the checkpoint file to evaluate (got {args.resume}).')
+    ckpt, default = load_checkpoint(args.resume), build_parser().get_default
+    given = {k: v for k, v in vars(args).items() if v != default(k)}
+    if set(given) - set(EVAL_FLAGS):
+        raise UserError(f'--eval-only evaluates {args.resume} with the settings it was trained with; '
+                        f'{", ".join(flag(k) for k in sorted(set(given) - set(EVAL_FLAGS)))} cannot change them '
+                        f'(only {", ".join(flag(k) for k in EVAL_FLAGS[:5])} may be given).')
+    cfg = {**ckpt['config'], **{k: v for k, v in given.items() if k in EVAL_FLAGS}}
+    cfg.update(world_size=world, per_process_batch_size=max(cfg['global_batch_size'] // world, 1))
+    check_paths(cfg, args)
+    return cfg, args.resume, ckpt
 
 
 def run(argv):
@@ -1356,27 +1246,16 @@ def run(argv):
     args, cfg, resume, ckpt = resolve_run(argv, world)  # every input checked before any work
     if world > 1:
         dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
-    if torch.cuda.is_available():
-        device = torch.device('cuda', local_rank)
+    device = torch.device('cuda', local_rank) if torch.cuda.is_available() else torch.device('cpu')
+    if device.type == 'cuda':
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for the fp32 parts
-        torch.backends.cudnn.allow_tf32 = True
-    else:
-        device = torch.device('cpu')
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 for the fp32 parts
     # deviation: bf16 autocast on CUDA (DeiT and CCT used fp16 autocast + GradScaler); CPU runs stay fp32
     autocast = (torch.autocast('cuda', dtype=torch.bfloat16) if cfg['amp'] and device.type == 'cuda'
                 else contextlib.nullcontext())
     out, lock = cfg['output_dir'], None
     try:
-        if not args.eval_only:
-            error = None
-            if rank == 0:
-                try:
-                    lock = lock_run_folder(out)
-                    prepare_run_folder(cfg, args, resume)
-                except UserError as e:
-                    error = e
-            agree(error, device)
+        lock = None if args.eval_only else claim_run_folder(cfg, args, resume, rank, device)
         cfg['provenance'] = provenance(argv, world)
         ## the model: same seed on all ranks, so every rank builds the same initial weights
         torch.manual_seed(cfg['seed'])
@@ -1387,15 +1266,13 @@ def run(argv):
         if ckpt is not None:
             try:
                 raw_model.load_state_dict(ckpt['model'])
-                if not args.eval_only:
-                    optimizer.load_state_dict(ckpt['optimizer'])
+                optimizer.load_state_dict(ckpt['optimizer'])
             except Exception as e:
                 raise UserError(f'checkpoint {resume} does not fit this model/optimizer ({type(e).__name__}: '
                                 f'{(str(e).splitlines() or [""])[0][:300]}).')
-            state.update({k: ckpt[k] for k in ('epoch', 'step', 'loss_sum', 'best_top1', 'best_epoch', 'log')})
+            state.update({k: ckpt[k] for k in state})
             if rank == 0:
                 print(f'resumed {resume}: epoch {state["epoch"]}, step {state["step"]}', file=sys.stderr)
-
         ## data
         train_set, val_set = load_data(cfg, local_rank)
         info = DATASETS[cfg['data']]
@@ -1406,14 +1283,12 @@ def run(argv):
         if args.eval_only:
             top1, top5, n = evaluate(raw_model, loaders['val'], augment, device, autocast)
             if rank == 0:
-                print(json.dumps(dict(eval=resume, val_top1=round(top1, 4), val_top5=round(top5, 4), val_n=n)),
-                      flush=True)
+                print(json.dumps(dict(eval=resume, val_top1=round(top1, 4), val_top5=round(top5, 4), val_n=n)))
             return
         if sampler.steps == 0:
-            raise UserError(f'the training set has {len(train_set)} images: not one full global batch of '
-                            f'{cfg["global_batch_size"]}' + (' after repeated augmentation keeps floor(n // 256 * '
-                            f'256 / world) = {ra_num_selected(len(train_set), world)} per rank'
-                            if cfg['repeated_aug'] else '') + '. Lower --global-batch-size (or --no-repeated-aug).')
+            raise UserError(f'the training set ({len(train_set)} images; repeated augmentation: {cfg["repeated_aug"]}, '
+                            f'which keeps n // 256 * 256 / processes) has not one full global batch of '
+                            f'{cfg["global_batch_size"]}. Lower --global-batch-size (or --no-repeated-aug).')
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, _on_signal)
         if rank == 0:
@@ -1460,7 +1335,7 @@ def main(argv=None):
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
-        if dist.is_available() and dist.is_initialized():
+        if dist.is_initialized():
             dist.destroy_process_group()
         ## After an exception out of the data loader (e.g. an unreadable image) its workers may still be alive, and
         ## they ignore SIGTERM (_worker_init), so the interpreter's exit, which terminates and then joins them, would

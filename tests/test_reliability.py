@@ -48,7 +48,7 @@ def bad_cases(tmp):
         (['--workers', '-1'], ['--workers -1']), (['--workers', '100000'], ['--workers 100000', 'CPUs']),
         (['--eval-crop-pct', '0'], ['--eval-crop-pct 0.0', '(0, 1]']), (['--eval-crop-pct', '1.5'], ['--eval-crop-pct 1.5']),
         (['--weight-decay', '-1'], ['--weight-decay -1.0']), (['--seed', '-1'], ['--seed -1']),
-        (['--synthetic-size', '0'], ['--synthetic-size 0']), (['--randaug', 'rand-m11-inc1'], ['--randaug', 'm <= 10']),
+        (['--synthetic-size', '0'], ['--synthetic-size 0']), (['--randaug', 'rand-m11-inc1'], ['--randaug', 'magnitude 0..10']),
         (['--randaug', 'color-jitter'], ['--randaug', "'rand-m9-mstd0.5-inc1'"]),
         (['--output-dir', tmp / 'a_file'], ['a_file', 'is a file']),
         (['--output-dir', tmp / 'a_file' / 'sub'], ['a_file', 'is a file']),
