@@ -5,7 +5,7 @@ Two tests:
 * `test_committed_notebook_is_a_complete_run` (fast, nothing executed): the committed file was saved from one
   top-to-bottom run in one kernel (execution counts 1, 2, 3, ...), carries no error output and at least
   MIN_IMAGES plots, so that it renders with its outputs on a code host.
-* `test_notebook_executes_and_reproduces_its_outputs` (about 2-3 minutes on a 2-core machine): executes a copy of
+* `test_notebook_executes_and_reproduces_its_outputs` (about 3-4 minutes on a 2-core machine): executes a copy of
   the notebook with nbclient (kernel `python3`, working directory = repository root, never overwriting the
   committed file), fails if any cell raises, then compares every code cell's outputs with the committed ones.
 
@@ -30,12 +30,14 @@ What is compared, and why that is robust but still catches a stale notebook:
   (checked), so the lenient comparison never covers a computed number.
 * The data source is pinned: the run sets MPVG_TUTORIAL_DATA to an empty folder, so the notebook takes its
   generated-task path (the committed outputs were produced that way) even on a machine with CIFAR-100 in ./data.
+  The real-image section reads only photographs shipped inside scikit-image and matplotlib (no download).
 
 Any edit of a code cell's output-producing logic, of what mpvg.py computes or of train.py's checkpoint format shows
 up as a mismatch: re-execute the notebook in place and commit it (from the repository root, one thread):
 OMP_NUM_THREADS=1 MPVG_TUTORIAL_DATA=/nonexistent jupyter execute --inplace tutorial.ipynb
 """
 import ast
+import importlib.util
 import math
 import os
 import re
@@ -151,6 +153,8 @@ def test_committed_notebook_is_a_complete_run():
 @pytest.fixture(scope="module")
 def fresh_run(tmp_path_factory):
     """The notebook executed now, into a copy: (committed, fresh) notebooks."""
+    if importlib.util.find_spec("skimage") is None:
+        pytest.fail("the tutorial's real-image section needs scikit-image: pip install -r requirements-test.txt")
     committed = nbformat.read(NOTEBOOK, as_version=4)
     nb = nbformat.read(NOTEBOOK, as_version=4)
     tmp = tmp_path_factory.mktemp("tutorial")
