@@ -47,7 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["PEConfig", "PE_PRESETS", "PE_KNOBS", "ViTConfig", "MODELS", "VisionTransformer", "validate_config",
-           "make_config", "create_model", "probe", "pe_token_correlation"]
+           "make_config", "create_model", "probe", "pe_token_correlation", "pe_token_correlation_parts"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -486,12 +486,48 @@ def pe_token_correlation(model: VisionTransformer, x) -> list[float | None]:
     correlated over all T*D entries with that layer's PE. None for layers that add no PE.
     """
     out = probe(model, x)
-    corr: list[float | None] = []
+    return [None if pe is None else _pearson(tokens.mean(0), pe[0]) for tokens, pe in zip(out["tokens"], out["pe"])]
+
+
+@torch.no_grad()
+def pe_token_correlation_parts(model: VisionTransformer, x) -> list[dict[str, float] | None]:
+    """pe_token_correlation split into a per-channel part and a position-dependent part. Our analysis, not the paper's.
+
+    Per layer: A = LN_l(x_l) averaged over the batch, B = the PE added in that layer, both (T, D). Each is the sum of
+    its per-channel part, the mean over the tokens of each channel, the same D-vector in every row (token-constant),
+    and its position-dependent part, the rest (every channel sums to 0 over the tokens):
+        A = A_ch + A_pos,   B = B_ch + B_pos.
+    The two parts are orthogonal, so over the T*D entries var(A) = var(A_ch) + var(A_pos), and the correlation is
+        corr(A, B) = r_ch * sqrt(s_A * s_B) + r_pos * sqrt((1 - s_A) * (1 - s_B)),
+    with r_ch = corr(A_ch, B_ch), r_pos = corr(A_pos, B_pos), s_A = var(A_ch) / var(A), s_B = var(B_ch) / var(B).
+
+    Returns per layer None (no PE there) or a dict of floats: 'corr' (pe_token_correlation's value), 'corr_channel'
+    (r_ch), 'corr_position' (r_pos), 'share_channel_tokens' (s_A), 'share_channel_pe' (s_B).
+    """
+    out = probe(model, x)
+    parts: list[dict[str, float] | None] = []
     for tokens, pe in zip(out["tokens"], out["pe"]):
         if pe is None:
-            corr.append(None)
+            parts.append(None)
             continue
-        a, b = tokens.mean(0).flatten().double(), pe[0].flatten().double()
-        a, b = a - a.mean(), b - b.mean()
-        corr.append(float((a @ b) / (a.norm() * b.norm())))
-    return corr
+        A, B = tokens.mean(0).double(), pe[0].double()              # (T, D) each
+        a_ch, b_ch = A.mean(0), B.mean(0)                           # (D,): per-channel means over the tokens
+        A_pos, B_pos = A - a_ch, B - b_ch                           # (T, D) - (D,) broadcast over the tokens
+        ## A_ch repeats a_ch in all T rows: its correlation is that of the D-vectors, its spread T times theirs.
+        parts.append({"corr": _pearson(A, B), "corr_channel": _pearson(a_ch, b_ch),
+                      "corr_position": _pearson(A_pos, B_pos),
+                      "share_channel_tokens": _share(a_ch, A), "share_channel_pe": _share(b_ch, B)})
+    return parts
+
+
+def _pearson(a, b) -> float:
+    """Pearson correlation of two tensors of the same shape, over all their entries, in float64."""
+    a, b = a.flatten().double(), b.flatten().double()
+    a, b = a - a.mean(), b - b.mean()
+    return float((a @ b) / (a.norm() * b.norm()))
+
+
+def _share(per_channel, full) -> float:
+    """Fraction of the sum of squares of `full` (T, D) about its mean held by its per-channel means (D,)."""
+    T = full.shape[0]
+    return float(T * (per_channel - full.mean()).square().sum() / (full - full.mean()).square().sum())

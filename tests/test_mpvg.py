@@ -812,6 +812,55 @@ def test_pe_token_correlation_is_pearson_of_batch_mean_tokens_and_pe(name, case)
             assert c == pytest.approx(pearson(ref['tokens'][l].mean(0), ref['pe'][l]), abs=1e-5), f'layer {l}'
 
 
+def split_by_hand(M):
+    """(T, D) map -> (per-channel part, position-dependent part), from the definition: loops over the channels."""
+    T, D = M.shape
+    per_channel = torch.empty(T, D, dtype=torch.float64)
+    for d in range(D):
+        per_channel[:, d] = sum(float(M[t, d]) for t in range(T)) / T    # channel d's mean over the tokens, every row
+    return per_channel, M.double() - per_channel
+
+
+def sum_of_squares(M, about):
+    return float(((M - about) ** 2).sum())
+
+
+@pytest.mark.parametrize('name', NAMES)
+@pytest.mark.parametrize('case', ['lape', 'fig1_lape_with_gap', 'mpvg', 'tab6_non_hierarchical'])
+def test_pe_token_correlation_parts_split_the_correlation_by_hand(name, case):
+    model, x, knobs = build(name, case), images(name, batch=3), knobs_of(case)
+    ref = reference(model, name, x, knobs)
+    T, D = ref['tokens'][0].shape[1:]
+    with torch.no_grad():
+        before = model(x)
+        parts = mpvg.pe_token_correlation_parts(model, x)
+        assert torch.equal(before, model(x))
+        corr = mpvg.pe_token_correlation(model, x)
+    assert len(parts) == TINY[name]['depth']
+    for l, got in enumerate(parts):
+        if ref['pe'][l] is None:
+            assert got is None, f'layer {l} adds no PE'
+            continue
+        A, B = ref['tokens'][l].mean(0).reshape(T, D), ref['pe'][l].reshape(T, D)
+        A_ch, A_pos = split_by_hand(A)
+        B_ch, B_pos = split_by_hand(B)
+        share_A = sum_of_squares(A_ch, float(A.double().mean())) / sum_of_squares(A.double(), float(A.double().mean()))
+        share_B = sum_of_squares(B_ch, float(B.double().mean())) / sum_of_squares(B.double(), float(B.double().mean()))
+        expected = {'corr': pearson(A, B), 'corr_channel': pearson(A_ch, B_ch), 'corr_position': pearson(A_pos, B_pos),
+                    'share_channel_tokens': share_A, 'share_channel_pe': share_B}
+        assert set(got) == set(expected)
+        for key, value in expected.items():
+            assert got[key] == pytest.approx(value, abs=1e-5), f'layer {l}: {key}'
+        assert got['corr'] == corr[l], 'corr must be pe_token_correlation\'s value'
+        # the parts are non-trivial here (random LayerNorm biases give the PE a per-channel part) ...
+        assert 0.01 < share_A < 0.99 and 0.01 < share_B < 0.99, (share_A, share_B)
+        # ... and they add up: the correlation is the share-weighted sum of the two parts' correlations
+        s_A, s_B = got['share_channel_tokens'], got['share_channel_pe']
+        recombined = (got['corr_channel'] * math.sqrt(s_A * s_B)
+                      + got['corr_position'] * math.sqrt((1 - s_A) * (1 - s_B)))
+        assert got['corr'] == pytest.approx(recombined, abs=1e-9), f'layer {l}'
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # no_weight_decay (11)
 # ---------------------------------------------------------------------------------------------------------------
