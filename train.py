@@ -76,7 +76,6 @@ RECIPES = {
                  repeated_aug=True, eval_crop_pct=1.0, lr_epoch_lag=1, mix_first=False),
 }
 COMMON_RECIPE = dict(smoothing=0.1, mixup=0.8, cutmix=1.0, reprob=0.25, hflip=0.5, randaug='rand-m9-mstd0.5-inc1')
-RA_REPEATS = 3  # DeiT's RASampler
 
 DATASETS = {
     'cifar100': dict(num_classes=100, mean=(0.5071, 0.4867, 0.4408), std=(0.2675, 0.2565, 0.2761)),
@@ -187,6 +186,8 @@ def build_parser():
     return p
 
 
+lr_text = lambda c: f'--lr = {c["lr"]:g}' + (' by DeiT\'s rule 5e-4 x global batch / 512' if c['lr_scaled'] else '')
+
 ## Every flag's valid values, in one table, checked on the resolved config before any work: (config key,
 ## valid(value, cfg), what is valid). NaN fails every comparison; math.isfinite is there for unbounded ones (inf).
 CHECKS = [
@@ -195,8 +196,8 @@ CHECKS = [
     ('warmup_epochs', lambda v, c: 0 <= v <= c['epochs'], lambda c: f'an int in [0, --epochs = {c["epochs"]}]'),
     ('global_batch_size', lambda v, c: v >= 1, 'an int >= 1'),
     ('lr', lambda v, c: math.isfinite(v) and v > 0, 'a finite number > 0'),
-    ('min_lr', lambda v, c: 0 <= v <= c['lr'], lambda c: f'a number in [0, --lr = {c["lr"]:g}]'),
-    ('warmup_lr', lambda v, c: 0 <= v <= c['lr'], lambda c: f'a number in [0, --lr = {c["lr"]:g}]'),
+    ('min_lr', lambda v, c: 0 <= v <= c['lr'], lambda c: f'a number in [0, {lr_text(c)}]'),
+    ('warmup_lr', lambda v, c: 0 <= v <= c['lr'], lambda c: f'a number in [0, {lr_text(c)}]'),
     ('weight_decay', lambda v, c: math.isfinite(v) and v >= 0, 'a finite number >= 0'),
     ('smoothing', lambda v, c: 0 <= v < 1, 'a number in [0, 1)'),
     ('mixup', lambda v, c: math.isfinite(v) and v >= 0, 'an alpha >= 0 (0 = off)'),
@@ -221,13 +222,11 @@ def resolve_config(args, world_size):
     if args.no_aug:
         cfg.update(mixup=0.0, cutmix=0.0, reprob=0.0, hflip=0.0, randaug='none', random_crop=False)
     cfg['rrc_scale'] = list(cfg['rrc_scale'])
-    if args.lr is None and recipe['lr_base_batch']:
+    cfg['lr_scaled'] = args.lr is None and bool(recipe['lr_base_batch'])
+    if cfg['lr_scaled']:
         cfg['lr'] = recipe['lr'] * cfg['global_batch_size'] / recipe['lr_base_batch']  # DeiT's linear scaling rule
     bad = [f'{flag(k)} {show(cfg[k])} is invalid: must be {what(cfg) if callable(what) else what}'
            for k, ok, what in CHECKS if not ok(cfg[k], cfg)]
-    if args.lr is None and recipe['lr_base_batch'] and cfg['lr'] < max(cfg['min_lr'], cfg['warmup_lr']):
-        bad.append(f'(--lr was not given: DeiT\'s rule 5e-4 x global batch / 512 makes it {cfg["lr"]:g} for '
-                   f'--global-batch-size {cfg["global_batch_size"]}; give --lr, or a lower --min-lr / --warmup-lr)')
     try:
         parse_randaug(cfg['randaug'])
     except ValueError as e:
@@ -325,16 +324,6 @@ def derive_seed(*keys):
     return int.from_bytes(hashlib.blake2b(repr(keys).encode(), digest_size=8).digest(), 'little') >> 1
 
 
-class TensorImages:
-    """Images held in memory as uint8 (n, 3, H, W) with labels (n,) (CIFAR-100, synthetic)."""
-
-    def __init__(self, images, labels):
-        self.images, self.labels = images, labels
-
-    def __len__(self):
-        return len(self.labels)
-
-
 class FolderImages(torch.utils.data.Dataset):
     """An ImageFolder read as uint8 (3, S, S): what must happen per image, in the DataLoader workers. Keys are
     (index, seed). Train: decode, then timm's RandomResizedCrop (box and interpolation drawn from the key's seed);
@@ -391,7 +380,7 @@ def load_cifar100(root, download, local_rank):
             raise UserError(f'{f} is not a valid CIFAR-100 python file ({type(e).__name__}: {e}): expected a pickled '
                             f'dict with b"data" (n, 3072) uint8 and b"fine_labels" (n ints in 0..99). Delete {folder} '
                             f'to download it again. {how}')
-        out.append(TensorImages(images, labels))
+        out.append(torch.utils.data.TensorDataset(images, labels))
     return out
 
 
@@ -419,13 +408,10 @@ def make_synthetic(n, img_size, split_seed):
     g = torch.Generator().manual_seed(split_seed)
     labels = torch.randint(10, (n,), generator=g)
     images = (torch.rand(n, 3, img_size, img_size, generator=g) * 64).to(torch.uint8)
-    ch, cw = img_size // 5, img_size // 4
-    side = torch.randint(2, (n,), generator=g)
-    for i in range(n):
-        row, pair = divmod(int(labels[i]), 2)
-        col = pair if side[i] == 0 else 3 - pair
-        images[i, :, row * ch:(row + 1) * ch, col * cw:(col + 1) * cw] = 230
-    return TensorImages(images, labels)
+    row, pair, side = labels // 2, labels % 2, torch.randint(2, (n,), generator=g)
+    col, r = torch.where(side == 0, pair, 3 - pair), torch.arange(img_size)
+    square = (r // (img_size // 5) == row.view(-1, 1, 1)) & (r // (img_size // 4) == col.view(-1, 1)).unsqueeze(1)
+    return torch.utils.data.TensorDataset(images.masked_fill_(square.unsqueeze(1), 230), labels)  # (n, 1, H, W) mask
 
 
 def load_data(cfg, local_rank):
@@ -458,10 +444,11 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def indices(self):
         """This rank's sample indices for the whole epoch, steps * per-process batch of them."""
+        perm_seed = derive_seed(self.seed, self.epoch)
         if self.repeated:
-            idx = ra_indices(self.n, self.world, self.rank, derive_seed(self.seed, self.epoch))
-            return idx[:self.steps * self.b]
-        return train_indices(self.n, self.B, self.world, self.rank, derive_seed(self.seed, self.epoch))
+            return ra_indices(self.n, self.world, self.rank, perm_seed)[:self.steps * self.b]
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(perm_seed))[:self.steps * self.B]
+        return perm.view(self.steps, self.world, self.b)[:, self.rank].reshape(-1).tolist()  # (steps, world, b)
 
     def keys(self):
         ## a copy of an image on another rank must get another crop: the rank enters the seed; in the plain case
@@ -473,14 +460,7 @@ class EpochSampler(torch.utils.data.Sampler):
         return iter(self.keys()[self.start_step * self.b:])
 
 
-def train_indices(n, global_batch, world, rank, perm_seed):
-    """This rank's indices for one epoch: rank r gets chunk r of each global batch of the permutation."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(perm_seed))
-    b, steps = global_batch // world, n // global_batch
-    return perm[:steps * global_batch].view(steps, world, b)[:, rank].reshape(-1).tolist()  # (steps, world, b)
-
-
-def ra_indices(n, world, rank, perm_seed, repeats=RA_REPEATS):
+def ra_indices(n, world, rank, perm_seed, repeats=3):
     """DeiT's RASampler: permutation, each index repeated `repeats` times in a row, padded to a multiple of the
     world size, rank r takes every world-th element from r (so the copies of an image land on different ranks
     when world >= repeats), and keeps the first floor(n // 256 * 256 / world).
@@ -509,7 +489,7 @@ class MemoryBatches:
     indices from its start step on; eval: the given indices."""
 
     def __init__(self, data, device, batch_size, sampler=None, indices=None):
-        self.images, self.labels = data.images.to(device), data.labels.to(device)
+        self.images, self.labels = (t.to(device) for t in data.tensors)  # uint8 (n, 3, H, W), labels (n,)
         self.b, self.sampler, self.indices = batch_size, sampler, indices
 
     def __iter__(self):
@@ -524,7 +504,7 @@ class MemoryBatches:
 def make_loader(data, cfg, device, sampler=None, indices=None):
     """This rank's batches of uint8 images and labels, for training (sampler) or evaluation (indices)."""
     b = cfg['per_process_batch_size']
-    if isinstance(data, TensorImages):
+    if isinstance(data, torch.utils.data.TensorDataset):
         return MemoryBatches(data, device, b, sampler, indices)
     workers = cfg['workers'] if cfg['workers'] is not None else min(8, os.cpu_count() or 1)
     return torch.utils.data.DataLoader(data, batch_size=b, sampler=sampler or [(i, 0) for i in indices],
@@ -601,13 +581,10 @@ def sample_boxes(n, height, width, scale, ratio, fits, gen=None):
 
 def rrc_boxes(n, height, width, scale, gen=None):
     """timm's RandomResizedCropAndInterpolation.get_params (ratio 3/4..4/3) for n images of one size; when no try
-    fits: the whole image, cut to the nearest allowed aspect ratio, centred."""
+    fits, the whole image cut to the nearest allowed ratio, centred."""
     boxes, ok = sample_boxes(n, height, width, scale, (3 / 4, 4 / 3), lambda h, w: (w <= width) & (h <= height), gen)
-    h, w = height, width
-    if w / h < 3 / 4:
-        h = round(w / (3 / 4))
-    elif w / h > 4 / 3:
-        w = round(h * 4 / 3)
+    h = round(width / (3 / 4)) if width / height < 3 / 4 else height
+    w = round(height * 4 / 3) if width / height > 4 / 3 else width
     whole = torch.tensor([(height - h) // 2, (width - w) // 2, h, w], dtype=torch.float64)
     return torch.where(ok.view(-1, 1), boxes, whole)
 
@@ -770,12 +747,11 @@ def draw_randaug(n, ra, bicubic_p):
 
 
 def mix(x, y, cfg, num_classes, rint):
-    """timm's Mixup(mixup_alpha, cutmix_alpha, prob 1, switch 0.5, mode 'batch', correct_lam) and mixup_target:
-    one lambda ~ Beta(alpha, alpha) per batch, MixUp or CutMix 50/50 when both are on; image i is mixed with image
-    B-1-i (timm's x.flip(0): repeated augmentation puts the copies of an image next to each other, so a neighbour
-    would often be a copy of itself). CutMix: a box of side sqrt(1 - lambda) of the image's at a uniform centre,
-    clipped, and lambda corrected to the area kept (timm 0.3.2 / 0.4.12's box, the official code's). rint: round
-    the mixed pixels (ViT-Lite: timm's collate mixes uint8 images). Returns (x, soft targets, label smoothed)."""
+    """timm's Mixup (prob 1, switch 0.5, mode 'batch', correct_lam) and mixup_target -> (x, smoothed soft targets):
+    one lambda ~ Beta(alpha, alpha) per batch, MixUp or CutMix 50/50; image i is mixed with image B-1-i (timm's
+    x.flip(0); repeated augmentation puts an image's copies next to each other, so a neighbour is often a copy).
+    CutMix: a box of sqrt(1 - lambda) of each side at a uniform centre, clipped, lambda set to the area kept (the
+    box of timm 0.3.2 / 0.4.12, the official code's). rint: round the mixed pixels (timm's uint8 collate)."""
     lam, cut = 1.0, False
     if cfg['mixup'] > 0 or cfg['cutmix'] > 0:
         cut = cfg['cutmix'] > 0 and (cfg['mixup'] == 0 or float(torch.rand(())) < 0.5)
@@ -833,10 +809,9 @@ class Augment:
         if cfg['hflip'] > 0:
             x = torch.where(to_device(torch.rand(B) < cfg['hflip'], dev).view(-1, 1, 1, 1), x.flip(-1), x)
         for op, arg, bicubic in draw_randaug(B, self.ra, self.bicubic_p) if self.ra else ():
-            x = x.clone()  # RandAugment: each op runs once, on the images that drew it
-            for k, name in enumerate(RA_OPS):
-                if (op == k).any():
-                    sel = (op == k).nonzero()[:, 0]
+            for k, name in enumerate(RA_OPS):  # each op runs once per layer, on the images that drew it
+                sel = (op == k).nonzero()[:, 0]
+                if len(sel):
                     i = to_device(sel, dev)
                     x[i] = RA_APPLY[name](x[i], to_device(arg[sel], dev), bicubic[sel], self.fill.to(dev))
         if cfg['mix_first']:
@@ -858,10 +833,9 @@ def soft_cross_entropy(logits, target):
 # schedule / optimizer
 
 def lr_at(epoch, cfg):
-    """The lr of epoch `epoch`: timm's CosineLRScheduler at t = epoch - lr_epoch_lag (at least 0), stepped per
-    epoch as the recipe's script steps it (ViT-Lite: epoch e at lr(e); DeiT: epoch e >= 1 at lr(e - 1)).
-    lr(t): linear warm-up from warmup_lr over warmup_epochs, then min_lr + 1/2 (lr - min_lr)(1 + cos(pi t / epochs)),
-    then min_lr (cool-down)."""
+    """Epoch `epoch`'s lr: timm's CosineLRScheduler at t = max(epoch - lr_epoch_lag, 0), as the recipe's script
+    steps it (ViT-Lite: epoch e at lr(e); DeiT: e >= 1 at lr(e - 1)). lr(t): linear warm-up from warmup_lr, then
+    min_lr + 1/2 (lr - min_lr)(1 + cos(pi t / epochs)), then min_lr (cool-down)."""
     t = max(epoch - cfg['lr_epoch_lag'], 0)
     lr, min_lr, warm, epochs = cfg['lr'], cfg['min_lr'], cfg['warmup_epochs'], cfg['epochs']
     if t < warm:
@@ -1004,26 +978,22 @@ def claim_run_folder(cfg, args, resume, rank, device):
     try:
         if rank == 0:
             fd = lock_run_folder(out)
-            prepare_run_folder(out, args, resume)
+            present = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+            ours = resume and os.path.abspath(os.path.dirname(resume)) == os.path.abspath(out)
+            ## --resume auto without a last.pt: a run killed before its first checkpoint left no weights, start afresh
+            nothing_lost = args.resume == 'auto' and not set(present) & {'last.pt', 'best.pt'}
+            if present and not (ours or args.overwrite or nothing_lost):
+                raise UserError(f'--output-dir {out} already holds a run ({", ".join(present)}). Continue it with '
+                                f'--resume auto, replace it with --overwrite, or pick another --output-dir.')
+            for f in os.listdir(out):  # another run's files (replaced on purpose), or a write a kill interrupted
+                if f in present and not ours or re.fullmatch(r'(config\.json|log\.jsonl|last\.pt|best\.pt)\.tmp\d+', f):
+                    os.remove(os.path.join(out, f))
     except UserError as e:
         if fd is not None:
             os.close(fd)
         fd, error = None, e
     agree(error, device)
     return fd
-
-
-def prepare_run_folder(out, args, resume):
-    present = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
-    ours = resume and os.path.abspath(os.path.dirname(resume)) == os.path.abspath(out)
-    ## --resume auto without a last.pt: a run killed before its first checkpoint left no weights, start afresh
-    nothing_lost = args.resume == 'auto' and not set(present) & {'last.pt', 'best.pt'}
-    if present and not (ours or args.overwrite or nothing_lost):
-        raise UserError(f'--output-dir {out} already holds a run ({", ".join(present)}). Continue it with '
-                        f'--resume auto, replace it with --overwrite, or pick another --output-dir.')
-    for f in os.listdir(out):  # another run's files (replaced on purpose), or a write that a kill interrupted
-        if (f in present and not ours) or re.fullmatch(r'(config\.json|log\.jsonl|last\.pt|best\.pt)\.tmp\d+', f):
-            os.remove(os.path.join(out, f))
 
 
 def load_checkpoint(path):
@@ -1118,10 +1088,8 @@ def make_checkpoint(cfg, raw_model, optimizer, epoch, step, loss_sum, state):
 
 def train(cfg, raw_model, model, optimizer, loaders, augment, sampler, state, device, rank, world, autocast):
     """The epoch loop. state: epoch, step, loss_sum, best_top1, best_epoch, log (restored by --resume)."""
-    out, steps = cfg['output_dir'], sampler.steps
+    out, steps, show = cfg['output_dir'], sampler.steps, rank == 0 and not cfg['no_progress']
     last_good = os.path.join(out, 'last.pt') if state['epoch'] or state['step'] else None
-    show = rank == 0 and not cfg['no_progress']
-    bar = show and sys.stderr.isatty()
     for epoch in range(state['epoch'], cfg['total_epochs']):
         lr = lr_at(epoch, cfg)
         for group in optimizer.param_groups:
@@ -1133,7 +1101,8 @@ def train(cfg, raw_model, model, optimizer, loaders, augment, sampler, state, de
             loss_sum += state['loss_sum']  # the finished part of an interrupted epoch (summed over ranks)
         first_bad = torch.full((), -1, dtype=torch.long, device=device)
         t0 = time.time()
-        pbar = tqdm(total=steps, initial=start, desc=f'epoch {epoch}', disable=not bar, leave=False)
+        pbar = tqdm(total=steps, initial=start, desc=f'epoch {epoch}', disable=not (show and sys.stderr.isatty()),
+                    leave=False)
         model.train()
         for step, (x, y) in enumerate(loaders['train'], start=start):
             gstep = epoch * steps + step
@@ -1160,11 +1129,11 @@ def train(cfg, raw_model, model, optimizer, loaders, augment, sampler, state, de
                                     f'{where}. Lower --lr or check the data.')
                 if show:
                     speed = (step + 1 - start) * cfg['global_batch_size'] / (time.time() - t0)
-                    if bar:
-                        pbar.set_postfix(loss=f'{loss.item():.4f}', lr=f'{lr:.2e}', img_s=f'{speed:.0f}')
+                    msg = f'loss {loss.item():.4f} lr {lr:.2e} {speed:.0f} img/s'
+                    if pbar.disable:  # stderr is no terminal (piped to a file): one line per sync
+                        print(f'epoch {epoch} step {step + 1}/{steps} {msg}', file=sys.stderr, flush=True)
                     else:
-                        print(f'epoch {epoch} step {step + 1}/{steps} loss {loss.item():.4f} lr {lr:.2e} '
-                              f'{speed:.0f} img/s', file=sys.stderr, flush=True)
+                        pbar.set_postfix_str(msg)
                 if stop and not last:
                     pbar.close()
                     ckpt = make_checkpoint(cfg, raw_model, optimizer, epoch, step + 1, all_reduce(loss_sum), state)
@@ -1276,7 +1245,8 @@ def run(argv):
         ## data
         train_set, val_set = load_data(cfg, local_rank)
         info = DATASETS[cfg['data']]
-        augment = Augment(cfg, info['mean'], info['std'], info['num_classes'], crop=isinstance(train_set, TensorImages))
+        in_memory = isinstance(train_set, torch.utils.data.TensorDataset)  # else an image folder, cropped per image
+        augment = Augment(cfg, info['mean'], info['std'], info['num_classes'], crop=in_memory)
         sampler = EpochSampler(len(train_set), cfg, rank, world)
         loaders = dict(val=make_loader(val_set, cfg, device, indices=eval_indices(len(val_set), world, rank)))
         cfg.update(steps_per_epoch=sampler.steps, train_size=len(train_set), val_size=len(val_set))

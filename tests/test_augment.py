@@ -367,7 +367,7 @@ def test_erasing_comes_after_mixing_for_vit_lite_and_before_for_deit(recipe):
 @pytest.mark.parametrize('n,world', [(100, 2), (103, 2), (120, 4), (101, 1)])
 def test_memory_batches_give_every_sample_once_per_epoch(n, world):
     cfg = cfg_for('--data', 'synthetic', '--global-batch-size', '20')
-    data = train.TensorImages(torch.zeros(n, 3, 8, 8, dtype=torch.uint8), torch.arange(n))
+    data = torch.utils.data.TensorDataset(torch.zeros(n, 3, 8, 8, dtype=torch.uint8), torch.arange(n))
     seen = {}
     for epoch in (0, 1):
         labels = []
