@@ -85,9 +85,8 @@ DATASETS = {
 CIFAR100_URL = 'https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz'
 CIFAR100_MD5 = 'eb9058c3a382ffc7106e4002c42a8d85'
 
-ARCH_FLAGS = dict(img_size='img_size', patch_size='patch_size', embed_dim='embed_dim', depth='depth',
-                  num_heads='num_heads', mlp_ratio='mlp_ratio', drop_path='drop_path_rate',
-                  attn_drop='attn_drop_rate')  # CLI dest -> create_model keyword
+ARCH_FLAGS = {d: d + '_rate' if d in ('drop_path', 'attn_drop') else d for d in ('img_size', 'patch_size', 'embed_dim',
+              'depth', 'num_heads', 'mlp_ratio', 'drop_path', 'attn_drop')}  # CLI dest -> create_model keyword
 ## What identifies a run (never changes on resume) and what a resume may change on purpose (--allow-change).
 IDENTITY = ('model', 'pe', 'model_kwargs', 'data', 'synthetic_size')
 CHANGEABLE = ('epochs', 'cooldown_epochs', 'global_batch_size', 'lr', 'min_lr', 'warmup_epochs', 'warmup_lr',
@@ -103,10 +102,6 @@ def flag(key):
 
 def show(v):
     return ' '.join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
-
-
-def int_or_none(s):
-    return None if s.lower() == 'none' else int(s)
 
 
 class Parser(argparse.ArgumentParser):
@@ -132,6 +127,10 @@ def build_parser():
                       'continues exactly. Smoke test: python train.py --data synthetic --epochs 2 --warmup-epochs 0',
                formatter_class=HelpFormatter, allow_abbrev=False)
     BOOL, knob = argparse.BooleanOptionalAction, 'override the preset: '
+
+    def int_or_none(s):
+        return None if s.lower() == 'none' else int(s)
+
     g = p.add_argument_group('model')
     g.add_argument('--model', default='vit_lite_7_4', choices=sorted(mpvg.MODELS))
     g.add_argument('--pe', default='mpvg', choices=sorted(mpvg.PE_PRESETS), help='PE variant preset')
@@ -143,9 +142,9 @@ def build_parser():
     g.add_argument('--hierarchical', action=BOOL, help=knob + 'pe_l = LN\'_l(pe_{l-1}) vs LN\'_l(pos_0)')
     g.add_argument('--last-ln-pe', type=int_or_none, default=argparse.SUPPRESS, metavar='K|none',
                    help=knob + 'PE added after the Last LN (0 = pos_0, MPVG)')
-    for name, typ in [('img_size', int), ('patch_size', int), ('embed_dim', int), ('depth', int), ('num_heads', int),
-                      ('mlp_ratio', float), ('drop_path', float), ('attn_drop', float)]:
-        g.add_argument(flag(name), type=typ, help='architecture override (default: the model\'s)')
+    for name in ARCH_FLAGS:
+        g.add_argument(flag(name), type=float if name in ('mlp_ratio', 'drop_path', 'attn_drop') else int,
+                       help='architecture override (default: the model\'s)')
     g = p.add_argument_group('data')
     g.add_argument('--data', choices=sorted(DATASETS), help=recipe_help('data', 'synthetic = generated, offline'))
     g.add_argument('--data-path', default='./data', help='folder holding cifar-100-python/ (downloaded if missing), '
@@ -396,8 +395,6 @@ def load_imagenet(cfg):
     if classes != out[1].classes or len(classes) > 1000:
         raise UserError(f'{root}/train has {len(classes)} classes and {root}/val {len(out[1].classes)}: they must be '
                         f'the same class folders, at most ImageNet-1K\'s 1000.')
-    if len(classes) < 1000:
-        print(f'note: {root} has {len(classes)} classes, the model gets 1000 outputs (ImageNet-1K)', file=sys.stderr)
     return out
 
 
@@ -485,18 +482,17 @@ def _worker_init(_):
 
 
 class MemoryBatches:
-    """Batches (uint8 images, labels) of an in-memory set held on the training device: train: the sampler's
-    indices from its start step on; eval: the given indices."""
+    """Batches (uint8 images, labels) of an in-memory set held on the training device: the sampler's indices from
+    its start step on (training), or the given indices (evaluation)."""
 
-    def __init__(self, data, device, batch_size, sampler=None, indices=None):
+    def __init__(self, data, device, b, sampler, indices):
         self.images, self.labels = (t.to(device) for t in data.tensors)  # uint8 (n, 3, H, W), labels (n,)
-        self.b, self.sampler, self.indices = batch_size, sampler, indices
+        s, self.sampler = sampler, sampler
+        self.batches = lambda: (torch.tensor(indices).split(b) if s is None else
+                                torch.tensor(s.indices()).view(s.steps, s.b)[s.start_step:])  # (steps, b)
 
     def __iter__(self):
-        s = self.sampler
-        idx = (torch.tensor(self.indices, dtype=torch.long).split(self.b) if s is None else
-               torch.tensor(s.indices(), dtype=torch.long).view(s.steps, s.b)[s.start_step:])  # (steps, b)
-        for i in idx:
+        for i in self.batches():
             i = to_device(i, self.images.device)
             yield self.images[i], self.labels[i]
 
@@ -904,7 +900,11 @@ def _on_signal(signum, _frame):
 
 
 class Stopped(Exception):
-    """Clean stop after SIGTERM / SIGINT (checkpoint written)."""
+    """Clean stop after SIGTERM / SIGINT, last.pt written."""
+
+    def __init__(self, where, out):
+        super().__init__(f'stopped by {STOP["signal"] or "a signal on another rank"} {where}; {out}/last.pt written. '
+                         f'Continue with the same command plus --resume auto (the finished steps are skipped).')
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -954,30 +954,23 @@ def write_record(out, ckpt, improved, line):
     print(json.dumps(line), flush=True)
 
 
-def lock_run_folder(out):
-    """An exclusive flock on <out>/train.lock, held while the run lives (the kernel drops it when the process
-    dies, so a killed run's lock file does not block a resume). -> the open file descriptor."""
-    os.makedirs(out, exist_ok=True)
-    fd = os.open(os.path.join(out, 'train.lock'), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.pread(fd, 200, 0).decode(errors='replace').strip() or 'unknown process'
-        os.close(fd)
-        raise UserError(f'--output-dir {out} is in use by another train.py run ({holder}); wait for it to end, or '
-                        f'use another --output-dir.') from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f'pid {os.getpid()} on {socket.gethostname()} since {time.strftime("%F %T")}\n'.encode(), 0)
-    return fd
-
-
 def claim_run_folder(cfg, args, resume, rank, device):
-    """Rank 0 locks the run folder, refuses to clobber another run and removes what a killed run left half-written;
-    every rank stops if that fails. -> the lock's file descriptor (rank 0) or None."""
+    """Rank 0 takes an exclusive flock on <out>/train.lock for the run's life (the kernel drops it when the process
+    dies, so a killed run's lock does not block a resume), refuses to clobber another run and removes what a kill
+    left half-written; every rank stops if that fails. -> the lock's file descriptor (rank 0) or None."""
     fd, error, out = None, None, cfg['output_dir']
     try:
         if rank == 0:
-            fd = lock_run_folder(out)
+            os.makedirs(out, exist_ok=True)
+            fd = os.open(os.path.join(out, 'train.lock'), os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise UserError(f'--output-dir {out} is in use by another train.py run ('
+                                f'{os.pread(fd, 200, 0).decode(errors="replace").strip()}); wait for it to end, or '
+                                f'use another --output-dir.') from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f'pid {os.getpid()} on {socket.gethostname()} since {time.strftime("%F %T")}'.encode(), 0)
             present = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
             ours = resume and os.path.abspath(os.path.dirname(resume)) == os.path.abspath(out)
             ## --resume auto without a last.pt: a run killed before its first checkpoint left no weights, start afresh
@@ -1140,9 +1133,7 @@ def train(cfg, raw_model, model, optimizer, loaders, augment, sampler, state, de
                     if rank == 0:
                         atomic_write(os.path.join(out, 'last.pt'), ckpt)
                     barrier()
-                    raise Stopped(f'stopped by {STOP["signal"] or "a signal on another rank"} at epoch {epoch}, '
-                                  f'step {step + 1}/{steps}; {os.path.join(out, "last.pt")} written. Continue with '
-                                  f'the same command plus --resume auto (the finished steps are skipped).')
+                    raise Stopped(f'at epoch {epoch}, step {step + 1}/{steps}', out)
         pbar.close()
         if device.type == 'cuda':
             torch.cuda.synchronize()
@@ -1163,8 +1154,7 @@ def train(cfg, raw_model, model, optimizer, loaders, augment, sampler, state, de
         stop, _ = sync_status(first_bad, device, world)
         if stop and epoch + 1 < cfg['total_epochs']:
             barrier()
-            raise Stopped(f'stopped by {STOP["signal"] or "a signal on another rank"} after epoch {epoch}; '
-                          f'{last_good} written. Continue with the same command plus --resume auto.')
+            raise Stopped(f'after epoch {epoch}', out)
     return state
 
 
@@ -1202,8 +1192,7 @@ def eval_config(args, world):
     given = {k: v for k, v in vars(args).items() if v != default(k)}
     if set(given) - set(EVAL_FLAGS):
         raise UserError(f'--eval-only evaluates {args.resume} with the settings it was trained with; '
-                        f'{", ".join(flag(k) for k in sorted(set(given) - set(EVAL_FLAGS)))} cannot change them '
-                        f'(only {", ".join(flag(k) for k in EVAL_FLAGS[:5])} may be given).')
+                        f'{", ".join(map(flag, sorted(set(given) - set(EVAL_FLAGS))))} cannot change them.')
     cfg = {**ckpt['config'], **{k: v for k, v in given.items() if k in EVAL_FLAGS}}
     cfg.update(world_size=world, per_process_batch_size=max(cfg['global_batch_size'] // world, 1))
     check_paths(cfg, args)
