@@ -58,18 +58,15 @@ class UserError(Exception):
 
 ## The two official recipes (PAPER.md section 4). A model's defaults are its paper recipe; most values are flags.
 RECIPES = {
-    ## Compact-Transformers `cifar100.yml` (timm train.py): lr not scaled with the batch, PE and cls token decayed.
-    ## timm's train.py steps the scheduler with epoch + 1 after each epoch: epoch e trains at lr(e) (lr_epoch_lag 0).
-    ## Its prefetching loader mixes the uint8 batch in the collate, then normalizes and erases (mix_first).
+    ## Compact-Transformers `cifar100.yml` (timm train.py): lr not scaled, PE and cls token decayed; the scheduler is
+    ## stepped with epoch + 1 after epoch e (lr_epoch_lag 0); the loader mixes uint8 batches, then erases (mix_first).
     'vit_lite': dict(data='cifar100', epochs=300, cooldown_epochs=10, global_batch_size=128, lr=6e-4,
                      lr_base_batch=None, warmup_epochs=10, warmup_lr=1e-6, min_lr=1e-5, weight_decay=0.06,
                      skip_no_weight_decay=False, rrc_scale=(0.8, 1.0), interpolation='random',
                      repeated_aug=False, eval_crop_pct=0.875, lr_epoch_lag=0, mix_first=True),
-    ## DeiT / LaPE `main.py`: lr = 5e-4 * global_batch / 512, no decay for model.no_weight_decay() names.
-    ## Its loop calls lr_scheduler.step(epoch) AFTER epoch e, so epoch e >= 1 trains at lr(e - 1) (lr_epoch_lag 1).
-    ## Each image is erased in the dataset transform, then the batch is mixed in the loop (mix_first False).
-    ## Its main.py loops over args.epochs only, so its default --cooldown-epochs 10 is never trained.
-    ## Evaluation: LaPE's crop ratio 1.0 (the paper's vit/lape DeiT rows are LaPE's numbers); DeiT used 0.875.
+    ## DeiT / LaPE `main.py`: lr = 5e-4 * global_batch / 512, no decay for model.no_weight_decay(); step(epoch)
+    ## after epoch e, so epoch e >= 1 trains at lr(e - 1); images are erased, then batches mixed; its loop never
+    ## reaches the cool-down epochs. Eval crop: LaPE's 1.0 (the paper's vit/lape DeiT rows are LaPE's; DeiT: 0.875).
     'deit': dict(data='imagenet', epochs=300, cooldown_epochs=0, global_batch_size=1024, lr=5e-4,
                  lr_base_batch=512, warmup_epochs=5, warmup_lr=1e-6, min_lr=1e-5, weight_decay=0.05,
                  skip_no_weight_decay=True, rrc_scale=(0.08, 1.0), interpolation='bicubic',
@@ -278,17 +275,12 @@ def parse_randaug(s):
     if s.lower() == 'none':
         return None
     parts = dict(re.findall(r'-(mstd|m|n|inc)([0-9.]+)', s))
-    try:
-        out = dict(num_ops=int(parts.get('n', 2)), magnitude=float(parts.get('m', 10)),
-                   magnitude_std=float(parts.get('mstd', 0)))
-        ok = re.fullmatch(r'rand(-(mstd|m|n|inc)[0-9.]+)*', s) and parts.get('inc') == '1'
-        ok = ok and 0 <= out['magnitude'] <= 10
-    except ValueError:
-        ok = False
-    if not ok:
+    if not (re.fullmatch(r'rand(-(mstd|m|inc)\d+(\.\d+)?|-n\d+)*', s) and parts.get('inc') == '1'
+            and 0 <= float(parts.get('m', 10)) <= 10):
         raise ValueError(f"--randaug {s!r} is invalid: must be 'none' or a timm RandAugment string of the increasing "
                          f"op set like 'rand-m9-mstd0.5-inc1' (m<magnitude 0..10>, n<ops>, mstd<std>, inc1)")
-    return out
+    return dict(num_ops=int(parts.get('n', 2)), magnitude=float(parts.get('m', 10)),
+                magnitude_std=float(parts.get('mstd', 0)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -354,7 +346,7 @@ class FolderImages(torch.utils.data.Dataset):
         return x[0].to(torch.uint8), label
 
 
-def load_cifar100(root, download, local_rank):
+def load_cifar100(root, local_rank):
     folder = os.path.join(root, 'cifar-100-python')
     files = [os.path.join(folder, s) for s in ('train', 'test')]
     how = (f'Expected the official CIFAR-100 python version at {folder}/{{train,test,meta}}: mkdir -p {root} && '
@@ -373,12 +365,11 @@ def load_cifar100(root, download, local_rank):
                 d = pickle.load(fh, encoding='bytes')
             images = torch.as_tensor(d[b'data'], dtype=torch.uint8).view(-1, 3, 32, 32)  # (n, 3072) -> (n, 3, 32, 32)
             labels = torch.as_tensor(d[b'fine_labels'], dtype=torch.long)
-            if len(labels) != len(images) or len(labels) == 0 or labels.min() < 0 or labels.max() >= 100:
+            if len(labels) != len(images) or not 0 <= labels.min() <= labels.max() < 100:
                 raise ValueError(f'{len(images)} images, {len(labels)} labels in [{labels.min()}, {labels.max()}]')
         except Exception as e:
             raise UserError(f'{f} is not a valid CIFAR-100 python file ({type(e).__name__}: {e}): expected a pickled '
-                            f'dict with b"data" (n, 3072) uint8 and b"fine_labels" (n ints in 0..99). Delete {folder} '
-                            f'to download it again. {how}')
+                            f'dict with b"data" (n, 3072) uint8 and b"fine_labels" (n ints in 0..99). {how}')
         out.append(torch.utils.data.TensorDataset(images, labels))
     return out
 
@@ -398,33 +389,29 @@ def load_imagenet(cfg):
     return out
 
 
-def make_synthetic(n, img_size, split_seed):
-    """10 classes told apart only by WHERE a bright square is (so a model without PE under GAP cannot learn it).
-    The class is (row, distance of the column from the centre): 5 rows x 2 mirror pairs of columns, and the square
-    sits at one of the mirror columns at random, so a horizontal flip keeps the label."""
-    g = torch.Generator().manual_seed(split_seed)
-    labels = torch.randint(10, (n,), generator=g)
-    images = (torch.rand(n, 3, img_size, img_size, generator=g) * 64).to(torch.uint8)
-    row, pair, side = labels // 2, labels % 2, torch.randint(2, (n,), generator=g)
-    col, r = torch.where(side == 0, pair, 3 - pair), torch.arange(img_size)
-    square = (r // (img_size // 5) == row.view(-1, 1, 1)) & (r // (img_size // 4) == col.view(-1, 1)).unsqueeze(1)
-    return torch.utils.data.TensorDataset(images.masked_fill_(square.unsqueeze(1), 230), labels)  # (n, 1, H, W) mask
-
-
 def load_data(cfg, local_rank):
-    if cfg['data'] == 'synthetic':
-        n, size = cfg['synthetic_size'], cfg['img_size_resolved']
-        return make_synthetic(n, size, 1), make_synthetic(max(1, n // 4), size, 2)
-    if cfg['data'] == 'cifar100':
-        return load_cifar100(cfg['data_path'], cfg['download'], local_rank)
-    return load_imagenet(cfg)
+    """(train, val): CIFAR-100 or generated images in memory (TensorDataset), or ImageNet image folders."""
+    if cfg['data'] != 'synthetic':
+        return load_cifar100(cfg['data_path'], local_rank) if cfg['data'] == 'cifar100' else load_imagenet(cfg)
+    ## 10 classes told apart only by WHERE a bright square is (a model without PE under GAP cannot learn it): 5 rows
+    ## x 2 distances of the column from the centre; the square sits at one of the two mirror columns at random, so a
+    ## horizontal flip keeps the label
+    sets, S = [], cfg['img_size_resolved']
+    for n, split_seed in ((cfg['synthetic_size'], 1), (max(1, cfg['synthetic_size'] // 4), 2)):
+        g = torch.Generator().manual_seed(split_seed)
+        labels = torch.randint(10, (n,), generator=g)
+        images = (torch.rand(n, 3, S, S, generator=g) * 64).to(torch.uint8)
+        row, pair, side = labels // 2, labels % 2, torch.randint(2, (n,), generator=g)
+        col, r = torch.where(side == 0, pair, 3 - pair), torch.arange(S)
+        square = (r // (S // 5) == row.view(-1, 1, 1)) & (r // (S // 4) == col.view(-1, 1)).unsqueeze(1)  # (n, S, S)
+        sets.append(torch.utils.data.TensorDataset(images.masked_fill_(square.unsqueeze(1), 230), labels))
+    return sets
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """This rank's samples of one epoch, from step `start_step` on: indices (in-memory sets) or keys (index,
-    crop seed) (image folders). Plain: a permutation seeded by (seed, epoch), cut into global batches (last partial
-    one dropped); rank r takes the r-th chunk of every global batch, so 1 process with batch B and k processes with
-    B/k each see the same samples in every step. Repeated augmentation: DeiT's RASampler (see ra_indices)."""
+    """This rank's samples of one epoch from step `start_step` on: indices, or keys (index, crop seed) for image
+    folders. Plain: a permutation seeded by (seed, epoch) cut into global batches; rank r takes chunk r of each,
+    so 1 process and k processes see the same samples in every step. Repeated augmentation: see ra_indices."""
 
     def __init__(self, n, cfg, rank, world):
         self.n, self.seed, self.rank, self.world = n, cfg['seed'], rank, world
@@ -511,11 +498,9 @@ def make_loader(data, cfg, device, sampler=None, indices=None):
 # ----------------------------------------------------------------------------------------------------------------
 # augmentation: the recipe's ops, each written once, on whole batches
 
-## Every op works on a batch of float images (B, 3, H, W) holding the uint8 values 0..255 that timm's PIL images
-## hold, with per-image parameters drawn on the CPU from torch's global RNG (the training loop seeds it every step).
-## Drawing on the CPU keeps grouping images by op free of device syncs; the few hundred numbers per batch reach the
-## device through pinned memory. Each op reproduces the arithmetic of Pillow, which timm's transforms call, so
-## tests/test_augment.py can compare it with timm's own op pixel by pixel.
+## Every op works on a batch of float images (B, 3, H, W) holding the values 0..255 of timm's PIL images, with
+## per-image parameters drawn on the CPU (no device sync to group images by op) from torch's global RNG, which the
+## loop seeds every step. Each op does Pillow's arithmetic, so tests/test_augment.py compares it with timm's op.
 
 def to_device(t, device):
     """A small CPU tensor to `device` without stalling the GPU (a copy from pageable memory may wait for the
@@ -527,10 +512,9 @@ BICUBIC_SHARE = {'random': 0.5, 'bicubic': 1.0, 'bilinear': 0.0}  # 'random': bi
 
 
 def resize_matrix(start, length, n_out, n_in, bicubic, lo, hi):
-    """Pillow's resize along one axis, as a (B, n_out, n_in) matrix of weights: output pixel i of image b averages
-    the input pixels j in [lo, hi) near the centre c = start + (i + 0.5) * length / n_out (the span [start,
-    start + length) stretched over n_out pixels) with weights kernel((j + 0.5 - c) / max(1, scale)), normalized.
-    Shrinking widens the kernel by the scale: that is Pillow's antialiasing. All arguments but n_out, n_in: (B,)."""
+    """Pillow's resize along one axis as a (B, n_out, n_in) matrix: output pixel i averages the input pixels j in
+    [lo, hi) near c = start + (i + 0.5) * length / n_out with weights kernel((j + 0.5 - c) / max(1, scale)),
+    normalized; shrinking widens the kernel by the scale (Pillow's antialiasing). Arguments but n_out, n_in: (B,)."""
     view = lambda t: t.view(-1, 1, 1)
     scale = view(length / n_out)                                                           # input pixels per output
     widen = scale.clamp(min=1)
@@ -547,10 +531,10 @@ def resize_matrix(start, length, n_out, n_in, bicubic, lo, hi):
 
 
 def resized_crop(x, boxes, size, bicubic, inside_box=True):
-    """Crop each image of x (B, C, H, W) to its box (B, 4) = (top, left, h, w) and resize it to size x size as
-    Pillow does: the horizontal pass, rounded to uint8, then the vertical pass. inside_box: use only pixels inside
-    the box (crop, then resize: RandomResizedCrop); else pixels around it too (resize, then crop: the eval
-    geometry, whose box may have fractional edges). bicubic: (B,) bool, else bilinear."""
+    """Crop each image of x (B, C, H, W) to its box (B, 4) = (top, left, h, w), resize it to size x size as Pillow
+    does (horizontal pass rounded to uint8, then vertical), bicubic (B,) or bilinear. inside_box: crop, then resize
+    (RandomResizedCrop); else resize, then crop (the eval geometry: pixels around a fractional box count too).
+    # deviation: Pillow's weights are 22-bit fixed point and Pillow >= 11 may do the vertical pass first: +-1."""
     H, W = x.shape[-2:]
     top, left, h, w = boxes.to(x.device, torch.float64).unbind(1)
     bicubic, zero = bicubic.to(x.device), torch.zeros_like(top)
@@ -613,13 +597,11 @@ def erase(x, boxes, noise):
 
 
 def pil_transform(x, M, bicubic, fill):
-    """Pillow's Image.transform(size, AFFINE, M, resample, fillcolor) for a batch: output pixel centre (x+.5, y+.5)
-    samples the input at (a x + b y + c, d x + e y + f) (M (B, 6) float64, one matrix per image), written as
-    Pillow's Geometry.c computes it, in float64: bilinear as two lerps a + (b - a) d, bicubic as the cubic
-    polynomial of 4 x 4 neighbours (kernel a = -1); neighbours past the border clamped; truncated to an integer;
-    a point outside the image gets `fill` (C,)."""
-    B, C, H, W = x.shape
-    dev = x.device
+    """Pillow's Image.transform(size, AFFINE, M, resample, fillcolor) for a batch, computed as its Geometry.c does:
+    output pixel centre (x+.5, y+.5) samples the input at (a x + b y + c, d x + e y + f) (M (B, 6) float64) by two
+    lerps (bilinear) or the cubic polynomial a = -1 of 4 x 4 clamped neighbours (bicubic), in float64, truncated;
+    points outside the image get `fill` (C,)."""
+    (B, C, H, W), dev = x.shape, x.device
     ys, xs = torch.meshgrid(torch.arange(H, device=dev, dtype=torch.float64) + 0.5,
                             torch.arange(W, device=dev, dtype=torch.float64) + 0.5, indexing='ij')
     a, b, c, d, e, f = (m.view(B, 1, 1) for m in M.to(dev).unbind(1))
@@ -635,13 +617,10 @@ def pil_transform(x, M, bicubic, fill):
 
     lerp = lambda p, q, t: p + (q - p) * t
     poly = lambda v1, v2, v3, v4, t: v2 + t * ((-v1 + v3) + t * ((2 * (v1 - v2) + v3 - v4) + t * (-v1 + v2 - v3 + v4)))
-    bic = bicubic.to(dev).view(B, 1, 1, 1)
-    out = torch.zeros(B, C, H, W, dtype=torch.float64, device=dev)
-    if not bicubic.all():
-        out = torch.where(bic, out, lerp(lerp(px(0, 0), px(0, 1), du), lerp(px(1, 0), px(1, 1), du), dv))
+    out = lerp(lerp(px(0, 0), px(0, 1), du), lerp(px(1, 0), px(1, 1), du), dv)  # bilinear
     if bicubic.any():
         rows = [poly(*(px(i, j) for j in (-1, 0, 1, 2)), du) for i in (-1, 0, 1, 2)]
-        out = torch.where(bic, poly(*rows, dv), out)
+        out = torch.where(bicubic.to(dev).view(B, 1, 1, 1), poly(*rows, dv), out)
     return torch.where(inside, out.clamp(0, 255).trunc().to(x.dtype), fill.view(1, -1, 1, 1))
 
 
@@ -770,12 +749,10 @@ def mix(x, y, cfg, num_classes, rint):
 
 
 class Augment:
-    """The recipe's augmentation of a batch of uint8 images (B, 3, H, W) -> (normalized float (B, 3, S, S), soft
-    targets (B, K)), in timm's order:
-        [RandomResizedCrop: in-memory sets; image folders are cropped in the loader] -> h-flip -> RandAugment ->
-        ViT-Lite (timm's prefetching loader): MixUp/CutMix on the uint8 batch -> normalize -> RandomErasing
-        DeiT (per-image transform, then Mixup in the loop): normalize -> RandomErasing -> MixUp/CutMix.
-    Evaluation: normalize(geometry(x))."""
+    """The recipe's augmentation: uint8 batch (B, 3, H, W), labels -> normalized float (B, 3, S, S), soft targets.
+    timm's order: [RandomResizedCrop (image folders are cropped in the loader)] -> h-flip -> RandAugment, then
+    ViT-Lite (timm's prefetching loader): MixUp/CutMix on the uint8 batch -> normalize -> RandomErasing;
+    DeiT (per-image transform, then Mixup in the loop): normalize -> RandomErasing -> MixUp/CutMix."""
 
     def __init__(self, cfg, mean, std, num_classes, crop):
         self.cfg, self.K, self.S = cfg, num_classes, cfg['img_size_resolved']
@@ -880,15 +857,6 @@ def all_reduce(t, op=dist.ReduceOp.SUM):
     return t
 
 
-def agree(error, device):
-    """Raise on every rank when any rank has an error (a check only rank 0 makes, e.g. the run folder's lock)."""
-    failed = all_reduce(torch.tensor(int(error is not None), device=device), dist.ReduceOp.MAX).item()
-    if error is not None:
-        raise error
-    if failed:
-        raise UserError('another rank stopped this run (see rank 0\'s message)')
-
-
 STOP = {'signal': None}  # set by the SIGTERM / SIGINT handler, read between steps
 
 
@@ -910,11 +878,9 @@ class Stopped(Exception):
 # ----------------------------------------------------------------------------------------------------------------
 # run folder: lock, atomic writes, checkpoints
 
-## The record of a run is consistent at every instant: last.pt is the commit point. It holds the weights, where
-## training continues AND the log lines of every finished epoch. The order of writes at the end of an epoch:
-## last.pt, then best.pt (the same bytes, on a new best top-1), then the line appended to log.jsonl. A kill
-## anywhere leaves last.pt old or new, never half (atomic rename); --resume auto then rewrites log.jsonl from
-## last.pt and copies last.pt to best.pt when the best epoch is the last one and best.pt missed it.
+## A run's record is consistent at every instant: last.pt (written atomically) is the commit point and holds the
+## log lines of every finished epoch too. After a kill anywhere, --resume auto rewrites log.jsonl from last.pt and
+## copies last.pt to best.pt when the best epoch is the last one and best.pt missed it (write_record's order).
 
 def atomic_write(path, data):
     """Write bytes (or a checkpoint dict) to path atomically: a temporary file in the same folder, fsync, rename,
@@ -955,9 +921,8 @@ def write_record(out, ckpt, improved, line):
 
 
 def claim_run_folder(cfg, args, resume, rank, device):
-    """Rank 0 takes an exclusive flock on <out>/train.lock for the run's life (the kernel drops it when the process
-    dies, so a killed run's lock does not block a resume), refuses to clobber another run and removes what a kill
-    left half-written; every rank stops if that fails. -> the lock's file descriptor (rank 0) or None."""
+    """Rank 0 flocks <out>/train.lock for the run's life (the kernel drops it when the process dies: a killed run's
+    lock does not block a resume), refuses to clobber another run and removes files a kill left half-written."""
     fd, error, out = None, None, cfg['output_dir']
     try:
         if rank == 0:
@@ -985,7 +950,8 @@ def claim_run_folder(cfg, args, resume, rank, device):
         if fd is not None:
             os.close(fd)
         fd, error = None, e
-    agree(error, device)
+    if all_reduce(torch.tensor(int(error is not None), device=device), dist.ReduceOp.MAX).item():  # any rank failed
+        raise error or UserError('rank 0 could not claim the run folder (see its message)')
     return fd
 
 
@@ -1024,9 +990,8 @@ def check_resume(saved, cfg, ckpt, args, path):
         ['world_size'] if saved.get('world_size') != cfg['world_size'] and cfg['repeated_aug'] else [])
     if ckpt['step'] > 0 and cut:
         raise UserError(f'refusing to resume {path} in the middle of epoch {ckpt["epoch"]} (step {ckpt["step"]}): '
-                        f'{", ".join(cut)} changes how an epoch is cut into steps, so the rest of this epoch would '
-                        f'skip or repeat images. Resume with the checkpoint\'s values (and process count) to finish '
-                        f'the epoch, then change them.')
+                        f'{", ".join(cut)} changes how an epoch is cut into steps (images would be skipped or '
+                        f'repeated). Finish the epoch with the checkpoint\'s values and process count first.')
 
 
 def reconcile_record(out, ckpt):
@@ -1050,8 +1015,7 @@ def reconcile_record(out, ckpt):
 @torch.no_grad()
 def evaluate(model, loader, augment, device, autocast):
     """top-1 / top-5 in % over the whole validation set, counts summed over ranks (each sample counted once)."""
-    was_training = model.training
-    model.eval()
+    model.eval()  # the training loop sets train() again at each epoch
     counts = torch.zeros(3, dtype=torch.long, device=device)  # correct@1, correct@5, n
     for x, y in loader:
         x, y = augment.normalize(augment.geometry(x.to(device, non_blocking=True))), y.to(device, non_blocking=True)
@@ -1059,7 +1023,6 @@ def evaluate(model, loader, augment, device, autocast):
             logits = model(x)
         hit = logits.topk(min(5, logits.shape[-1]), dim=-1).indices == y[:, None]  # (B, 5)
         counts += torch.stack([hit[:, :1].sum(), hit.sum(), torch.tensor(len(y), device=device)])
-    model.train(was_training)
     c1, c5, n = all_reduce(counts).tolist()
     return 100.0 * c1 / max(n, 1), 100.0 * c5 / max(n, 1), n
 
@@ -1069,8 +1032,7 @@ def sync_status(first_bad, device, world):
     t = torch.stack([torch.tensor(1 if STOP['signal'] else 0, device=device), first_bad.to(device)])
     if world > 1:
         all_reduce(t, dist.ReduceOp.MAX)
-    stop, bad = t.tolist()
-    return bool(stop), int(bad)
+    return t.tolist()
 
 
 def make_checkpoint(cfg, raw_model, optimizer, epoch, step, loss_sum, state):
@@ -1082,7 +1044,6 @@ def make_checkpoint(cfg, raw_model, optimizer, epoch, step, loss_sum, state):
 def train(cfg, raw_model, model, optimizer, loaders, augment, sampler, state, device, rank, world, autocast):
     """The epoch loop. state: epoch, step, loss_sum, best_top1, best_epoch, log (restored by --resume)."""
     out, steps, show = cfg['output_dir'], sampler.steps, rank == 0 and not cfg['no_progress']
-    last_good = os.path.join(out, 'last.pt') if state['epoch'] or state['step'] else None
     for epoch in range(state['epoch'], cfg['total_epochs']):
         lr = lr_at(epoch, cfg)
         for group in optimizer.param_groups:
@@ -1098,7 +1059,6 @@ def train(cfg, raw_model, model, optimizer, loaders, augment, sampler, state, de
                     leave=False)
         model.train()
         for step, (x, y) in enumerate(loaders['train'], start=start):
-            gstep = epoch * steps + step
             ## every step's randomness (augmentation draws, erasing noise, MixUp/CutMix, drop-path, dropout) comes
             ## from torch's global RNGs, seeded here by (seed, epoch, step, rank)
             torch.manual_seed(derive_seed(cfg['seed'], epoch, step, rank, 'step'))
@@ -1111,15 +1071,16 @@ def train(cfg, raw_model, model, optimizer, loaders, augment, sampler, state, de
             optimizer.step()
             loss = loss.detach()
             loss_sum += loss
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), gstep, first_bad)  # no sync
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), epoch * steps + step, first_bad)  # no sync
             pbar.update(1)
             last = step + 1 == steps
             if (step + 1) % cfg['log_interval'] == 0 or last or (world == 1 and STOP['signal']):
                 stop, bad = sync_status(first_bad, device, world)
                 if bad >= 0:
-                    where = f'the last good checkpoint is {last_good}' if last_good else 'no checkpoint was written yet'
-                    raise UserError(f'non-finite training loss at global step {bad} (epoch {epoch}); stopping. '
-                                    f'{where}. Lower --lr or check the data.')
+                    good = f'{out}/last.pt is the last good checkpoint' if os.path.exists(f'{out}/last.pt') else 'no ' \
+                        'checkpoint was written yet'
+                    raise UserError(f'non-finite training loss at global step {bad} (epoch {epoch}); stopping. {good}. '
+                                    f'Lower --lr or check the data.')
                 if show:
                     speed = (step + 1 - start) * cfg['global_batch_size'] / (time.time() - t0)
                     msg = f'loss {loss.item():.4f} lr {lr:.2e} {speed:.0f} img/s'
@@ -1150,7 +1111,6 @@ def train(cfg, raw_model, model, optimizer, loaders, augment, sampler, state, de
         state['log'].append(line)
         if rank == 0:
             write_record(out, make_checkpoint(cfg, raw_model, optimizer, epoch + 1, 0, None, state), improved, line)
-        last_good = os.path.join(out, 'last.pt')
         stop, _ = sync_status(first_bad, device, world)
         if stop and epoch + 1 < cfg['total_epochs']:
             barrier()
@@ -1296,9 +1256,8 @@ def main(argv=None):
             signal.signal(s, h)
         if dist.is_initialized():
             dist.destroy_process_group()
-        ## After an exception out of the data loader (e.g. an unreadable image) its workers may still be alive, and
-        ## they ignore SIGTERM (_worker_init), so the interpreter's exit, which terminates and then joins them, would
-        ## wait forever. Everything is saved by now: collect the loader, then end any worker that is left.
+        ## After an exception out of the data loader, its workers (which ignore SIGTERM) may be alive and the
+        ## interpreter's exit would wait for them forever: everything is saved by now, so end them.
         gc.collect()
         for p in multiprocessing.active_children():
             p.kill()
