@@ -236,11 +236,10 @@ def resolve_config(args, world_size):
     cfg.update(world_size=world_size, per_process_batch_size=B // world_size,
                total_epochs=cfg['epochs'] + cfg['cooldown_epochs'])
     # what create_model needs besides (name, pe): the architecture and PE-knob overrides the user gave
-    kw = {'num_classes': DATASETS[cfg['data']]['num_classes'],
-          **{key: cfg[dest] for dest, key in ARCH_FLAGS.items() if cfg[dest] is not None},
-          **{k: cfg[k] for k in mpvg.PE_KNOBS if k in ('layerwise_from', 'last_ln_pe') and k in cfg
-             or cfg.get(k) is not None}}
-    cfg['model_kwargs'] = kw
+    given = lambda k: k in cfg if k in ('layerwise_from', 'last_ln_pe') else cfg.get(k) is not None  # SUPPRESS'd
+    cfg['model_kwargs'] = kw = {'num_classes': DATASETS[cfg['data']]['num_classes'],
+                                **{key: cfg[dest] for dest, key in ARCH_FLAGS.items() if cfg[dest] is not None},
+                                **{k: cfg[k] for k in mpvg.PE_KNOBS if given(k)}}
     try:
         cfg['img_size_resolved'] = mpvg.make_config(cfg['model'], pe=cfg['pe'], **kw).img_size  # no weights built
     except ValueError as e:
@@ -270,8 +269,7 @@ def check_paths(cfg, args):
 
 
 def parse_randaug(s):
-    """'rand-m9-mstd0.5-inc1' -> dict(num_ops=2, magnitude=9.0, magnitude_std=0.5); 'none' -> None (timm's format:
-    m<magnitude>, n<ops>, mstd<std>, inc1; only the 'increasing' op set, the paper's, is implemented)."""
+    """timm's 'rand-m9-mstd0.5-inc1' -> dict(num_ops=2, magnitude=9.0, magnitude_std=0.5); 'none' -> None."""
     if s.lower() == 'none':
         return None
     parts = dict(re.findall(r'-(mstd|m|n|inc)([0-9.]+)', s))
@@ -299,9 +297,12 @@ def provenance(argv, world):
     if world > 1:
         ranks = ranks * world
         dist.all_gather_object(ranks, ranks[0])
-    sha = lambda name: hashlib.sha256(open(os.path.join(here, name), 'rb').read()).hexdigest()[:16]
+    sha = {}
+    for name in ('train.py', 'mpvg.py'):
+        with open(os.path.join(here, name), 'rb') as f:
+            sha[name] = hashlib.sha256(f.read()).hexdigest()[:16]
     return dict(command='python train.py ' + shlex.join(argv), git_commit=commit, git_dirty=dirty if commit else None,
-                source_sha256={n: sha(n) for n in ('train.py', 'mpvg.py')}, python=platform.python_version(),
+                source_sha256=sha, python=platform.python_version(),
                 torch=str(torch.__version__), torchvision=str(torchvision.__version__),
                 cuda=torch.version.cuda if cuda else None, cudnn=torch.backends.cudnn.version() if cuda else None,
                 world_size=world, hosts=sorted({r['host'] for r in ranks}), devices=[r['device'] for r in ranks])
@@ -375,18 +376,16 @@ def load_cifar100(root, local_rank):
 
 
 def load_imagenet(cfg):
-    root, out = cfg['data_path'], []
-    for split in ('train', 'val'):
-        try:
-            out.append(FolderImages(os.path.join(root, split), cfg, train=split == 'train'))
-        except Exception as e:  # FileNotFoundError: no images
-            raise UserError(f'ImageNet {split} split not usable ({type(e).__name__}: {e}). Expected ImageNet-1K as '
-                            f'ImageFolders {root}/train/<class>/<image> and {root}/val/<class>/<image>.')
-    classes = out[0].classes
-    if classes != out[1].classes or len(classes) > 1000:
-        raise UserError(f'{root}/train has {len(classes)} classes and {root}/val {len(out[1].classes)}: they must be '
-                        f'the same class folders, at most ImageNet-1K\'s 1000.')
-    return out
+    root = cfg['data_path']
+    try:
+        sets = [FolderImages(os.path.join(root, split), cfg, train=split == 'train') for split in ('train', 'val')]
+    except Exception as e:  # FileNotFoundError: a folder without images
+        raise UserError(f'ImageNet at {root} not usable ({type(e).__name__}: {e}). Expected ImageNet-1K as '
+                        f'ImageFolders {root}/train/<class>/<image> and {root}/val/<class>/<image>.')
+    if sets[0].classes != sets[1].classes or len(sets[0].classes) > 1000:
+        raise UserError(f'{root}/train has {len(sets[0].classes)} classes and {root}/val {len(sets[1].classes)}: they '
+                        f'must be the same class folders, at most ImageNet-1K\'s 1000.')
+    return sets
 
 
 def load_data(cfg, local_rank):
@@ -469,8 +468,7 @@ def _worker_init(_):
 
 
 class MemoryBatches:
-    """Batches (uint8 images, labels) of an in-memory set held on the training device: the sampler's indices from
-    its start step on (training), or the given indices (evaluation)."""
+    """Batches (uint8 images, labels) of an in-memory set on the device: the sampler's (train) or given indices."""
 
     def __init__(self, data, device, b, sampler, indices):
         self.images, self.labels = (t.to(device) for t in data.tensors)  # uint8 (n, 3, H, W), labels (n,)
@@ -503,8 +501,7 @@ def make_loader(data, cfg, device, sampler=None, indices=None):
 ## loop seeds every step. Each op does Pillow's arithmetic, so tests/test_augment.py compares it with timm's op.
 
 def to_device(t, device):
-    """A small CPU tensor to `device` without stalling the GPU (a copy from pageable memory may wait for the
-    stream to drain, a copy from pinned memory does not)."""
+    """A small CPU tensor to `device` through pinned memory: the copy does not wait for the GPU to drain."""
     return t.pin_memory().to(device, non_blocking=True) if device.type == 'cuda' else t.to(device)
 
 
@@ -560,8 +557,7 @@ def sample_boxes(n, height, width, scale, ratio, fits, gen=None):
 
 
 def rrc_boxes(n, height, width, scale, gen=None):
-    """timm's RandomResizedCropAndInterpolation.get_params (ratio 3/4..4/3) for n images of one size; when no try
-    fits, the whole image cut to the nearest allowed ratio, centred."""
+    """timm's RandomResizedCropAndInterpolation.get_params (ratio 3/4..4/3) for n images of one size H x W."""
     boxes, ok = sample_boxes(n, height, width, scale, (3 / 4, 4 / 3), lambda h, w: (w <= width) & (h <= height), gen)
     h = round(width / (3 / 4)) if width / height < 3 / 4 else height
     w = round(height * 4 / 3) if width / height > 4 / 3 else width
@@ -570,8 +566,7 @@ def rrc_boxes(n, height, width, scale, gen=None):
 
 
 def center_crop_box(height, width, size, crop_pct):
-    """torchvision's Resize(int(size / crop_pct)) (the shorter side) + CenterCrop(size), as a box in the image's
-    own coordinates for resized_crop(..., inside_box=False)."""
+    """torchvision's Resize(int(size / crop_pct)) + CenterCrop(size) as a box for resized_crop(inside_box=False)."""
     short = int(size / crop_pct)
     h, w = (short, int(short * width / height)) if height <= width else (int(short * height / width), short)
     sy, sx = height / h, width / w                                                        # input pixels per pixel
@@ -631,8 +626,7 @@ def gray(x):
 
 
 def blend(degenerate, x, factor):
-    """Pillow's ImageEnhance: Image.blend(degenerate, x, factor) = degenerate + factor (x - degenerate), clipped
-    and truncated to uint8."""
+    """Pillow's ImageEnhance: Image.blend(degenerate, x, f) = degenerate + f (x - degenerate), clipped, truncated."""
     return (degenerate + factor * (x - degenerate)).clamp_(0, 255).trunc_()
 
 
@@ -645,8 +639,7 @@ def smooth(x):
 
 
 def autocontrast(x):
-    """Pillow's ImageOps.autocontrast: per channel, int(v * 255 / (hi - lo) - lo * 255 / (hi - lo)) (in float64,
-    as Pillow computes it in Python); a flat channel is kept."""
+    """Pillow's ImageOps.autocontrast: per channel int(v * s - lo * s), s = 255 / (hi - lo), in float64 as Pillow."""
     x64 = x.double()
     lo, hi = x64.amin((-2, -1), keepdim=True), x64.amax((-2, -1), keepdim=True)
     scale = hi.new_tensor(255.0) / (hi - lo).clamp(min=1)   # a true division (255 / t would be 255 * (1 / t))
@@ -675,7 +668,7 @@ RA_APPLY = {
     'AutoContrast': lambda x, a, bic, fill: autocontrast(x),
     'Equalize': lambda x, a, bic, fill: F.equalize(x.to(torch.uint8)).to(x.dtype),  # ImageOps.equalize's histogram
     'Invert': lambda x, a, bic, fill: 255 - x,
-    # deviation: 0 bits (magnitude 10, ~1 in 40 draws) gives a black image, as Pillow did; Pillow >= 11 refuses it
+    # 0 bits (magnitude 10, ~1 in 40 draws): a black image, as the official code's Pillow gave (Pillow >= 11 refuses)
     'PosterizeIncreasing': lambda x, a, bic, fill: torch.floor(x / 2 ** (8 - f32(a))) * 2 ** (8 - f32(a)),
     'SolarizeIncreasing': lambda x, a, bic, fill: torch.where(x >= f32(a), 255 - x, x),
     'SolarizeAdd': lambda x, a, bic, fill: torch.where(x < 128, (x + f32(a)).clamp(max=255), x),
@@ -690,8 +683,7 @@ RA_APPLY = {
 
 
 def affine_matrices(name, arg, H, W):
-    """(B, 6) Pillow matrices of timm's geometric ops for arguments (B,) float64: shear and translate about the
-    top-left corner, Image.rotate about the centre (W/2, H/2), counter-clockwise."""
+    """(B, 6) Pillow matrices of timm's geometric ops (rotation: Image.rotate's, about the centre) for args (B,)."""
     one, zero = torch.ones_like(arg), torch.zeros_like(arg)
     if name == 'Rotate':
         t = -torch.deg2rad(arg)
@@ -819,8 +811,7 @@ def lr_at(epoch, cfg):
 
 
 def weight_decay_split(model, skip_names):
-    """(decay, no_decay) parameter names: no decay for 1-D parameters (norms), biases and `skip_names`
-    (DeiT: model.no_weight_decay() = pos_embed, cls_token; ViT-Lite/CCT: none, so its PE and cls token decay)."""
+    """(decay, no_decay) names: no decay for 1-D params, biases and skip_names (DeiT: pos_embed, cls_token)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -829,8 +820,7 @@ def weight_decay_split(model, skip_names):
 
 
 def make_optimizer(model, cfg, device):
-    skip = set(model.no_weight_decay()) if cfg['skip_no_weight_decay'] else set()
-    decay, no_decay = weight_decay_split(model, skip)
+    decay, no_decay = weight_decay_split(model, set(model.no_weight_decay()) if cfg['skip_no_weight_decay'] else ())
     params = dict(model.named_parameters())
     groups = [dict(params=[params[n] for n in no_decay], weight_decay=0.0),
               dict(params=[params[n] for n in decay], weight_decay=cfg['weight_decay'])]
@@ -883,8 +873,8 @@ class Stopped(Exception):
 ## copies last.pt to best.pt when the best epoch is the last one and best.pt missed it (write_record's order).
 
 def atomic_write(path, data):
-    """Write bytes (or a checkpoint dict) to path atomically: a temporary file in the same folder, fsync, rename,
-    fsync the folder. A write error (full disk) leaves the previous file intact and says so. -> the bytes."""
+    """Bytes (or a checkpoint) to path via a temporary file, fsync and rename; on a write error (disk full) the old
+    file stays intact and the message says so. -> the bytes."""
     if isinstance(data, dict):
         buf = io.BytesIO()
         torch.save(data, buf)
@@ -910,8 +900,7 @@ def atomic_write(path, data):
 
 
 def write_record(out, ckpt, improved, line):
-    """The end of an epoch on disk, in the order that keeps the record consistent: last.pt (the commit point),
-    best.pt on a new best top-1, then the epoch's line in log.jsonl (and on stdout)."""
+    """An epoch's end on disk, in this order: last.pt (the commit point), best.pt if best, the log.jsonl line."""
     data = atomic_write(os.path.join(out, 'last.pt'), ckpt)
     if improved:
         atomic_write(os.path.join(out, 'best.pt'), data)
@@ -1035,15 +1024,12 @@ def sync_status(first_bad, device, world):
     return t.tolist()
 
 
-def make_checkpoint(cfg, raw_model, optimizer, epoch, step, loss_sum, state):
-    return dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), config=cfg, epoch=epoch, step=step,
-                loss_sum=None if loss_sum is None else loss_sum.detach().cpu(), log=list(state['log']),
-                best_top1=state['best_top1'], best_epoch=state['best_epoch'])
-
-
 def train(cfg, raw_model, model, optimizer, loaders, augment, sampler, state, device, rank, world, autocast):
     """The epoch loop. state: epoch, step, loss_sum, best_top1, best_epoch, log (restored by --resume)."""
     out, steps, show = cfg['output_dir'], sampler.steps, rank == 0 and not cfg['no_progress']
+    checkpoint = lambda epoch, step, loss_sum: dict(
+        model=raw_model.state_dict(), optimizer=optimizer.state_dict(), config=cfg, epoch=epoch, step=step,
+        loss_sum=loss_sum, log=list(state['log']), best_top1=state['best_top1'], best_epoch=state['best_epoch'])
     for epoch in range(state['epoch'], cfg['total_epochs']):
         lr = lr_at(epoch, cfg)
         for group in optimizer.param_groups:
@@ -1090,7 +1076,7 @@ def train(cfg, raw_model, model, optimizer, loaders, augment, sampler, state, de
                         pbar.set_postfix_str(msg)
                 if stop and not last:
                     pbar.close()
-                    ckpt = make_checkpoint(cfg, raw_model, optimizer, epoch, step + 1, all_reduce(loss_sum), state)
+                    ckpt = checkpoint(epoch, step + 1, all_reduce(loss_sum).cpu())
                     if rank == 0:
                         atomic_write(os.path.join(out, 'last.pt'), ckpt)
                     barrier()
@@ -1110,7 +1096,7 @@ def train(cfg, raw_model, model, optimizer, loaders, augment, sampler, state, de
             state['best_top1'], state['best_epoch'] = top1, epoch
         state['log'].append(line)
         if rank == 0:
-            write_record(out, make_checkpoint(cfg, raw_model, optimizer, epoch + 1, 0, None, state), improved, line)
+            write_record(out, checkpoint(epoch + 1, 0, None), improved, line)
         stop, _ = sync_status(first_bad, device, world)
         if stop and epoch + 1 < cfg['total_epochs']:
             barrier()
@@ -1122,8 +1108,7 @@ def train(cfg, raw_model, model, optimizer, loaders, augment, sampler, state, de
 # main
 
 def resolve_run(argv, world):
-    """Every check that needs no process group, data or model: flags, paths, the --resume checkpoint.
-    -> (args, cfg, checkpoint path or None, checkpoint or None)."""
+    """Every check before any work: flags, paths, --resume checkpoint. -> (args, cfg, resume path, checkpoint)."""
     args = build_parser().parse_args(argv)
     if args.eval_only:
         return (args,) + eval_config(args, world)
@@ -1132,28 +1117,23 @@ def resolve_run(argv, world):
     resume = os.path.join(cfg['output_dir'], 'last.pt') if args.resume == 'auto' else args.resume
     if args.resume == 'auto' and not os.path.exists(resume):
         resume = None  # nothing to resume yet: a new run
-    elif resume and not os.path.isfile(resume):
-        raise UserError(f'--resume {resume}: no such file.')
     ckpt = load_checkpoint(resume) if resume else None
     if ckpt is not None:
         check_resume(ckpt['config'], cfg, ckpt, args, resume)
     return args, cfg, resume, ckpt
 
 
-EVAL_FLAGS = ('data_path', 'download', 'workers', 'global_batch_size', 'amp', 'resume', 'eval_only', 'no_progress')
-
-
 def eval_config(args, world):
-    """--eval-only evaluates a checkpoint with the model, data and recipe it was trained with: only where the data
-    is and how it is read (EVAL_FLAGS) may be given."""
+    """--eval-only: the checkpoint's own model, data and recipe; flags may say only where the data is, how read."""
+    free = ('data_path', 'download', 'workers', 'global_batch_size', 'amp', 'resume', 'eval_only', 'no_progress')
     if args.resume in (None, 'auto') or not os.path.isfile(args.resume):
         raise UserError(f'--eval-only needs --resume PATH, the checkpoint file to evaluate (got {args.resume}).')
     ckpt, default = load_checkpoint(args.resume), build_parser().get_default
     given = {k: v for k, v in vars(args).items() if v != default(k)}
-    if set(given) - set(EVAL_FLAGS):
+    if set(given) - set(free):
         raise UserError(f'--eval-only evaluates {args.resume} with the settings it was trained with; '
-                        f'{", ".join(map(flag, sorted(set(given) - set(EVAL_FLAGS))))} cannot change them.')
-    cfg = {**ckpt['config'], **{k: v for k, v in given.items() if k in EVAL_FLAGS}}
+                        f'{", ".join(map(flag, sorted(set(given) - set(free))))} cannot change them.')
+    cfg = {**ckpt['config'], **{k: v for k, v in given.items() if k in free}}
     cfg.update(world_size=world, per_process_batch_size=max(cfg['global_batch_size'] // world, 1))
     check_paths(cfg, args)
     return cfg, args.resume, ckpt
@@ -1234,8 +1214,7 @@ def run(argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     rank, world = dist_env()[:2]
-    code = 0
-    STOP['signal'] = None
+    code, STOP['signal'] = 0, None
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         run(argv)

@@ -52,7 +52,7 @@ def bad_cases(tmp):
         (['--randaug', 'color-jitter'], ['--randaug', "'rand-m9-mstd0.5-inc1'"]),
         (['--output-dir', tmp / 'a_file'], ['a_file', 'is a file']),
         (['--output-dir', tmp / 'a_file' / 'sub'], ['a_file', 'is a file']),
-        (['--resume', tmp / 'nope.pt'], ['--resume', 'nope.pt', 'no such file']),
+        (['--resume', tmp / 'nope.pt'], ['nope.pt', 'No such file']),
         (['--resume', tmp / 'empty.pt'], ['empty.pt', 'cannot read checkpoint']),
         (['--resume', tmp / 'garbage.pt'], ['garbage.pt', 'cannot read checkpoint']),
         (['--resume', tmp / 'other.pt'], ['other.pt', 'missing']),
