@@ -207,66 +207,93 @@ def measure_memory(c: Config, device: torch.device, amp_dtype) -> float | None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The CIFAR data path of train.py: per-image augmentation in DataLoader workers vs batched on the device
+# train.py's data path, for both dataset shapes: in memory (CIFAR-100) and an image folder (ImageNet)
 # ----------------------------------------------------------------------------------------------------
 
-def data_pipeline(args, device: torch.device, amp_dtype) -> str:
-    """ViT-Lite-7/4 MPVG training img/s with the CIFAR-100 recipe's full augmentation, fed by each of
-    train.py's two data paths, and the wall time that projects to for the 310-epoch recipe (training steps
-    only: evaluation and start-up not included). Random uint8 images of CIFAR's size and count stand in for
-    the data set (augmentation cost does not depend on the content)."""
-    import train
-    n, B = 50000, args.batch_sizes.get("vit_lite_7_4", 128)
-    workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1)
-    cfg = train.resolve_config(train.build_parser().parse_args(
-        ["--model", "vit_lite_7_4", "--global-batch-size", str(B), "--no-progress"]), 1)
+def image_folder(root: str, n: int, classes: int = 4) -> None:
+    """n JPEGs of ImageNet's typical size (about 500 x 375, varied) with smooth content, in `classes` class
+    folders under root/train and root/val (JPEG decoding cost depends on the size, little on the content)."""
+    from PIL import Image
     g = torch.Generator().manual_seed(0)
-    data = train.TensorImages(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
-                              torch.randint(0, 100, (n,), generator=g))
-    info = train.DATASETS["cifar100"]
-    tf = train.Transform(cfg, 32, info["mean"], info["std"], train=True, folder=False)
-    sampler = train.EpochSampler(n, cfg, 0, 1)
-    loaders = {
-        f"per-image ({workers} workers)": lambda: train.make_loader(train.Augmented(data, tf), sampler, B, workers,
-                                                                    device),
-        "batched on the device": lambda: train.DeviceBatches(data, device, B, tf, cfg, sampler=sampler),
-    }
-    torch.manual_seed(0)
-    model = mpvg.create_model("vit_lite_7_4", pe="mpvg").to(device)
-    opt = make_optimizer(model, device)
-    mix = train.make_mix(cfg, 100)
-    autocast = partial(torch.autocast, device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    for i in range(n):
+        h, w = 333 + int(torch.randint(0, 90, (), generator=g)), 500
+        small = torch.randint(0, 256, (3, h // 16, w // 16), generator=g, dtype=torch.uint8).float()[None]
+        img = F.interpolate(small, size=(h, w), mode="bicubic").clamp(0, 255).to(torch.uint8)[0]
+        for split in ("train", "val"):
+            folder = os.path.join(root, split, f"n{i % classes:08d}")
+            os.makedirs(folder, exist_ok=True)
+            if split == "train" or i < classes:
+                Image.fromarray(img.permute(1, 2, 0).numpy()).save(os.path.join(folder, f"{i}.jpg"), quality=90)
 
-    def step(x, y):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        x, t = train.soft_targets(x, y, mix, 100, cfg["smoothing"])
-        with autocast():
-            loss = train.soft_cross_entropy(model(x), t)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
 
-    rows, steps = [], args.steps * args.repeats     # one long timed window per path
-    for name, make in loaders.items():
-        it = iter(make())
-        for _ in range(max(args.warmup, 1)):          # starts the workers / fills the pipeline
-            step(*next(it))
-        ## data alone over more batches than the loader keeps ready (prefetch), then data + training steps
-        data_steps = max(4 * steps, 2 * workers + 10)
-        data_s = timed(lambda k: [next(it) for _ in range(k)], data_steps, device)
-        train_s = timed(lambda k: [step(*next(it)) for _ in range(k)], steps, device)
-        rows.append((name, data_steps * B / data_s, steps * B / train_s))
-    base = rows[0][2]
-    lines = [f"{hardware_line(device)}; {'bf16' if amp_dtype else 'fp32'}",
+def data_pipeline(args, device: torch.device, amp_dtype) -> str:
+    """train.py's own data path (loader + the recipe's whole augmentation) for each dataset shape, alone and
+    feeding MPVG training, and the wall time that projects to for the full recipe's training steps (evaluation
+    and start-up not included):
+    - CIFAR-100 shape, ViT-Lite-7/4 recipe: 32 x 32 uint8 images in memory on the device, every op batched there;
+    - ImageNet shape, DeiT-Ti recipe: JPEGs (about 500 x 375) decoded and randomly cropped to 224 in --workers
+      DataLoader processes, the rest batched on the device.
+    Generated images stand in for the data sets; the JPEG pool is small and read from the page cache, so the
+    folder row measures decoding and augmentation, not the disk."""
+    import tempfile
+    import train
+    workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1)
+    shapes = [("CIFAR-100 in memory", "vit_lite_7_4", 50000, 310), ("ImageNet folder", "deit_tiny", 1281167, 300)]
+    rows, steps = [], args.steps * args.repeats                 # one long timed window per shape
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape, name, n_full, epochs in shapes:
+            B = args.batch_sizes.get(name, 128)
+            argv = ["--model", name, "--global-batch-size", str(B), "--workers", str(workers), "--lr", "5e-4"]
+            if name == "deit_tiny":
+                image_folder(os.path.join(tmp, "in"), max(256, 2 * B))
+                argv += ["--data", "imagenet", "--data-path", os.path.join(tmp, "in")]
+            else:
+                argv += ["--data", "synthetic", "--synthetic-size", str(max(4096, 4 * B))]
+            cfg = train.resolve_config(train.build_parser().parse_args(argv), 1)
+            train_set, _ = train.load_data(cfg, 0)
+            info = train.DATASETS[cfg["data"]]
+            in_memory = isinstance(train_set, torch.utils.data.TensorDataset)
+            augment = train.Augment(cfg, info["mean"], info["std"], info["num_classes"], crop=in_memory)
+            sampler = train.EpochSampler(len(train_set), cfg, 0, 1)
+            loader = train.make_loader(train_set, cfg, device, sampler=sampler)
+
+            def batches():                                      # endless, epoch after epoch, as train.py runs
+                epoch = 0
+                while True:
+                    sampler.set_epoch(epoch)
+                    for x, y in loader:
+                        yield augment(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                    epoch += 1
+            torch.manual_seed(0)
+            model = mpvg.create_model(name, pe="mpvg", num_classes=info["num_classes"]).to(device)
+            opt = make_optimizer(model, device)
+            autocast = partial(torch.autocast, device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+            def step(x, target):
+                with autocast():
+                    loss = train.soft_cross_entropy(model(x), target)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            it = batches()
+            for _ in range(max(args.warmup, 1)):                # starts the workers, fills the pipeline
+                step(*next(it))
+            ## data alone over more batches than the loader keeps ready, then data + training steps
+            data_steps = max(4 * steps, 2 * workers + 10)
+            data_s = timed(lambda k: [next(it) for _ in range(k)], data_steps, device)
+            train_s = timed(lambda k: [step(*next(it)) for _ in range(k)], steps, device)
+            if not in_memory:
+                del it, loader                                  # ends the workers
+            per_epoch = n_full // 256 * 256 if cfg["repeated_aug"] else n_full // B * B
+            rows.append((shape, name, B, data_steps * B / data_s, steps * B / train_s, epochs * per_epoch))
+    lines = [f"{hardware_line(device)}; {'bf16' if amp_dtype else 'fp32'}; {workers} DataLoader workers",
              f"command: `{args.command}`", "",
-             f"ViT-Lite-7/4 MPVG, CIFAR-100 recipe augmentation, batch {B}, {steps} steps per path:", "",
-             "| data path | data only img/s | training img/s | vs per-image | projected 310 epochs |",
-             "|---|---:|---:|---:|---:|"]
-    for name, data_ips, train_ips in rows:
-        hours = 310 * (n // B) * B / train_ips / 3600
-        lines.append(f"| {name} | {data_ips:.0f} | {train_ips:.0f} | {train_ips / base:.2f} | "
-                     f"{hours * 60:.1f} min |" if hours < 1 else
-                     f"| {name} | {data_ips:.0f} | {train_ips:.0f} | {train_ips / base:.2f} | {hours:.1f} h |")
+             "| data | model (MPVG) | batch | data + augmentation img/s | training img/s | projected recipe |",
+             "|---|---|---:|---:|---:|---:|"]
+    for shape, name, B, data_ips, train_ips, images in rows:
+        hours = images / train_ips / 3600
+        when = f"{hours * 60:.1f} min" if hours < 1 else f"{hours:.1f} h" if hours < 48 else f"{hours / 24:.0f} days"
+        lines.append(f"| {shape} | {name} | {B} | {data_ips:.0f} | {train_ips:.1f} | {when} |")
     return "\n".join(lines)
 
 
@@ -396,8 +423,8 @@ def parse_args(argv=None):
     p.add_argument("--mem", choices=["on", "off"], default="on", help="measure peak memory (default on)")
     p.add_argument("--json", metavar="PATH", help="also write the raw numbers to this JSON file")
     p.add_argument("--data-pipeline", action="store_true",
-                   help="instead of the model table: ViT-Lite MPVG training img/s with train.py's per-image "
-                        "vs batched on-device CIFAR augmentation, and the projected 310-epoch wall time")
+                   help="instead of the model table: train.py's data path for the CIFAR-100 (in memory) and "
+                        "ImageNet (image folder) shapes, alone and feeding training, and the projected recipe time")
     p.add_argument("--workers", type=int, default=None, help="--data-pipeline: DataLoader workers (min(8, cpus))")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: batch 2, 1 step, 1 round, 1 warm-up, no compile (numbers meaningless); "

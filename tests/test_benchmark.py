@@ -138,3 +138,14 @@ def test_bad_flag_from_the_command_line_exits_fast_without_traceback(tmp_path):
     assert out.returncode == 2 and 'Traceback' not in out.stderr, out.stderr
     assert '--repeats 0' in out.stderr and '--json' in out.stderr and out.stdout == ''
     assert time.perf_counter() - t0 < 60                          # the import of torch, and nothing built or run
+
+
+def test_data_pipeline_quick_run_measures_both_dataset_shapes():
+    """--data-pipeline runs train.py's own data path for the in-memory (CIFAR) and image-folder (ImageNet) shapes."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmark.py'), '--data-pipeline', '--quick', '--device',
+                          'cpu', '--workers', '1'], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                         env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [ln for ln in out.stdout.splitlines() if ln.startswith('| CIFAR') or ln.startswith('| ImageNet')]
+    assert [r.split('|')[2].strip() for r in rows] == ['vit_lite_7_4', 'deit_tiny'], out.stdout
+    assert all(float(r.split('|')[4]) > 0 and float(r.split('|')[5]) > 0 for r in rows), out.stdout
