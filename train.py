@@ -402,7 +402,7 @@ def load_data(cfg, local_rank):
         images = (torch.rand(n, 3, S, S, generator=g) * 64).to(torch.uint8)
         row, pair, side = labels // 2, labels % 2, torch.randint(2, (n,), generator=g)
         col, r = torch.where(side == 0, pair, 3 - pair), torch.arange(S)
-        square = (r // (S // 5) == row.view(-1, 1, 1)) & (r // (S // 4) == col.view(-1, 1)).unsqueeze(1)  # (n, S, S)
+        square = (r.view(-1, 1) // (S // 5) == row.view(-1, 1, 1)) & (r // (S // 4) == col.view(-1, 1, 1))  # (n, S, S)
         sets.append(torch.utils.data.TensorDataset(images.masked_fill_(square.unsqueeze(1), 230), labels))
     return sets
 

@@ -443,3 +443,15 @@ def test_non_finite_loss_names_step_and_checkpoint(tmp_path, capsys):
     code = run_main(base + ['--epochs', '3', '--resume', 'auto', '--lr', '1e30', '--allow-change', 'epochs', 'lr'])
     assert_one_paragraph_error(code, capsys.readouterr().err, 'non-finite', 'global step 3', str(out / 'last.pt'))
     assert torch.load(out / 'last.pt', weights_only=True)['epoch'] == 1  # the good checkpoint was not overwritten
+
+
+def test_synthetic_images_hold_the_square_where_the_label_says():
+    """--data synthetic: class = (row of 5, distance of the column from the centre, 2 mirror columns each)."""
+    for size in (16, 32, 40):
+        images, labels = train.load_data(dict(data='synthetic', synthetic_size=200, img_size_resolved=size), 0)[0].tensors
+        ch, cw = size // 5, size // 4
+        for img, label in zip(images, labels.tolist()):
+            bright = (img[0] == 230).nonzero()
+            rows, cols = set((bright[:, 0] // ch).tolist()), set((bright[:, 1] // cw).tolist())
+            assert len(bright) == ch * cw and rows == {label // 2} and cols in ({label % 2}, {3 - label % 2})
+            assert (img[:, bright[:, 0], bright[:, 1]] == 230).all() and (img < 64).sum() == 3 * (size * size - ch * cw)
