@@ -91,6 +91,7 @@ CHANGEABLE = ('epochs', 'cooldown_epochs', 'global_batch_size', 'lr', 'min_lr', 
               'rrc_scale', 'repeated_aug', 'eval_crop_pct', 'seed')
 EPOCH_BOUNDARY_ONLY = ('global_batch_size', 'repeated_aug', 'seed')  # they change how an epoch is cut into steps
 RUN_FILES = ('config.json', 'log.jsonl', 'last.pt', 'best.pt')
+CPUS = os.cpu_count() or 1
 
 
 def flag(key):
@@ -203,8 +204,7 @@ CHECKS = [
     ('rrc_scale', lambda v, c: 0 < v[0] <= v[1] <= 1, 'two numbers 0 < min <= max <= 1'),
     ('eval_crop_pct', lambda v, c: 0 < v <= 1, 'a fraction in (0, 1]'),
     ('synthetic_size', lambda v, c: v >= 1, 'an int >= 1'),
-    ('workers', lambda v, c: v is None or 0 <= v <= (os.cpu_count() or 1),
-     f'an int in [0, {os.cpu_count() or 1}] (the CPUs of this machine)'),
+    ('workers', lambda v, c: v is None or 0 <= v <= CPUS, f'an int in [0, {CPUS}] (the CPUs of this machine)'),
     ('log_interval', lambda v, c: v >= 1, 'an int >= 1'),
     ('seed', lambda v, c: 0 <= v < 2 ** 63, 'an int in [0, 2**63)'),
 ]
@@ -487,7 +487,7 @@ def make_loader(data, cfg, device, sampler=None, indices=None):
     b = cfg['per_process_batch_size']
     if isinstance(data, torch.utils.data.TensorDataset):
         return MemoryBatches(data, device, b, sampler, indices)
-    workers = cfg['workers'] if cfg['workers'] is not None else min(8, os.cpu_count() or 1)
+    workers = cfg['workers'] if cfg['workers'] is not None else min(8, CPUS)
     return torch.utils.data.DataLoader(data, batch_size=b, sampler=sampler or [(i, 0) for i in indices],
                                        num_workers=workers, pin_memory=device.type == 'cuda',
                                        persistent_workers=workers > 0, worker_init_fn=_worker_init)
@@ -542,9 +542,8 @@ def resized_crop(x, boxes, size, bicubic, inside_box=True):
 
 
 def sample_boxes(n, height, width, scale, ratio, fits, gen=None):
-    """n boxes by 10 tries each of an area fraction ~ U(scale) and a log-uniform aspect ratio w/h ~ (ratio); the
-    first try that `fits` wins, at a uniform position where the box fits. -> (n, 4) float64 (top, left, h, w) and
-    (n,) bool 'a try fitted' (timm's RandomResizedCrop and RandomErasing draw this way)."""
+    """timm's box draws: 10 tries of an area fraction U(scale) and a log-uniform ratio w/h; the first that `fits` wins,
+    at a uniform position. -> (n, 4) float64 (top, left, h, w) and (n,) bool 'a try fitted'."""
     area = height * width * torch.empty(n, 10, dtype=torch.float64).uniform_(*scale, generator=gen)
     r = torch.exp(torch.empty(n, 10, dtype=torch.float64).uniform_(*map(math.log, ratio), generator=gen))
     h, w = torch.round(torch.sqrt(area / r)), torch.round(torch.sqrt(area * r))
@@ -575,9 +574,8 @@ def center_crop_box(height, width, size, crop_pct):
 
 
 def erase_boxes(n, height, width, prob, gen=None):
-    """timm RandomErasing(prob, mode 'pixel', max_count 1): with probability prob, 10 tries of an area fraction
-    U(0.02, 1/3) and an aspect ratio log-uniform in (0.3, 1/0.3); the first box smaller than the image wins.
-    -> (n, 4) (top, left, h, w), h = w = 0 where nothing is erased."""
+    """timm RandomErasing(prob, 'pixel', max_count 1): area U(0.02, 1/3) of the image, ratio in (0.3, 1/0.3), with
+    probability prob. -> (n, 4) (top, left, h, w), h = w = 0 where nothing is erased."""
     boxes, ok = sample_boxes(n, height, width, (0.02, 1 / 3), (0.3, 1 / 0.3), lambda h, w: (h < height) & (w < width),
                              gen)
     return boxes * (ok & (torch.rand(n, generator=gen) < prob)).view(-1, 1)
@@ -697,9 +695,8 @@ def affine_matrices(name, arg, H, W):
 
 
 def draw_randaug(n, ra, bicubic_p):
-    """RandAugment's draws for n images, one (op, arg, bicubic) triple of (n,) tensors per layer: op uniform over
-    RA_OPS with replacement, -1 (skipped) with probability 1 - 0.5; magnitude ~ N(m, std) clipped to [0, 10];
-    the sign +-1 at random; the interpolation of the geometric ops (bilinear or bicubic, timm's choice)."""
+    """RandAugment's draws for n images, per layer (op, arg, bicubic) of (n,): op uniform over RA_OPS (-1: skipped,
+    p 0.5), magnitude N(m, std) clipped to [0, 10], a random sign, the geometric ops' interpolation."""
     draws = []
     for _ in range(ra['num_ops']):
         op = torch.where(torch.rand(n) <= 0.5, torch.randint(len(RA_OPS), (n,)), -1)
@@ -755,7 +752,9 @@ class Augment:
         self.fill = torch.tensor([min(255, round(255 * m)) for m in mean], dtype=torch.float32)  # timm's img_mean
 
     def normalize(self, x):
-        return (x / 255.0 - self.mean.to(x.device)) / self.std.to(x.device)
+        if self.mean.device != x.device:  # the constants move to the device once, not every step
+            self.mean, self.std, self.fill = (t.to(x.device) for t in (self.mean, self.std, self.fill))
+        return (x / 255.0 - self.mean) / self.std
 
     def geometry(self, x):
         """The eval geometry of in-memory sets: the image as is, resized (bicubic) if the model's size differs."""
