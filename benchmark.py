@@ -43,6 +43,8 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import mpvg
 
@@ -207,6 +209,102 @@ def measure_memory(c: Config, device: torch.device, amp_dtype) -> float | None:
 
 
 # ----------------------------------------------------------------------------------------------------
+# What a training step asks of the device, counted without one
+# ----------------------------------------------------------------------------------------------------
+
+class DeviceOpCounter(TorchDispatchMode):
+    """Counts every aten op dispatched on `device`. On PyTorch's meta device (tensors with shapes and no data) a
+    step runs op for op as it would on a GPU, so a CPU can count what a GPU would do:
+    - kernels: ops that are not views (a view launches no kernel);
+    - copies to the device, and those that block the host (on CUDA a copy waits for the host unless it is
+      non_blocking from pinned memory; the code pins what it sends, which the meta device cannot show);
+    - device reads: an op that brings a device value to the host (.item(), .tolist(), bool(t), a copy to the CPU):
+      on a GPU each one waits for everything queued before it (on meta it fails: a meta tensor has no value);
+    - bytes: every tensor argument and result of a kernel, in full (a broadcast argument counts once), the
+      float64 ones apart. An upper bound of what a kernel reads and writes."""
+
+    VIEWS = (torch.ops.aten._unsafe_view.default, torch.ops.aten.alias.default)
+    COPIES = (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default)
+
+    def __init__(self, device: str = "meta"):
+        super().__init__()
+        self.device = device
+        self.kernels = self.views = self.copies_in = self.blocking = self.reads = 0
+        self.bytes = self.bytes_f64 = 0
+        self.kinds: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        on = lambda t: isinstance(t, torch.Tensor) and t.device.type == self.device
+        ## reads and copies are counted before the op runs: on meta, a read raises
+        if func is torch.ops.aten._local_scalar_dense.default and on(args[0]):
+            self.reads += 1
+        if func in self.COPIES:
+            src = args[1] if func is torch.ops.aten.copy_.default else args[0]
+            to = args[0].device if func is torch.ops.aten.copy_.default else kwargs.get("device") or src.device
+            if src.device.type == "cpu" and torch.device(to).type == self.device:
+                self.copies_in += 1
+                self.blocking += not (kwargs.get("non_blocking") or (len(args) > 2 and args[2]))
+            elif on(src) and torch.device(to).type == "cpu":
+                self.reads += 1
+        out = func(*args, **kwargs)
+        here = [t for t in pytree.tree_flatten((args, kwargs, out))[0] if on(t)]
+        if not here:
+            return out
+        if func.is_view or func in self.VIEWS:
+            self.views += 1
+            return out
+        self.kernels += 1
+        self.kinds[func.__name__] = self.kinds.get(func.__name__, 0) + 1
+        size = lambda t: min(t.numel() * t.element_size(), t.untyped_storage().nbytes())
+        moved = sum(size(t) for t in here)
+        self.bytes += moved
+        self.bytes_f64 += moved if any(t.dtype == torch.float64 for t in here) else 0
+        return out
+
+    def summary(self) -> dict:
+        return dict(kernels=self.kernels, copies_to_device=self.copies_in, blocking_copies=self.blocking,
+                    device_reads=self.reads, gb=self.bytes / 1e9, gb_float64=self.bytes_f64 / 1e9)
+
+
+AUG_PATHS = {  # per GPU, as the recipes run: DeiT's 1024 over 4 GPUs, ViT-Lite's 128 on one
+    "deit": dict(model="deit_tiny", batch=256, data="imagenet"),
+    "vit_lite": dict(model="vit_lite_7_4", batch=128, data="cifar100"),
+}
+
+
+def count_augmentation_steps(path: str, steps: int = 5, seed: int = 0) -> list[dict]:
+    """Counts (DeviceOpCounter.summary) of `steps` training steps' data path on the meta device, each from the batch
+    leaving the loader to the augmented batch: train.py's own loader and augmentation, configured by its recipe.
+    deit: a worker's uint8 batch (256 x 224 x 224, pinned on CUDA) copied to the device, then augmented; vit_lite:
+    CIFAR-100's 32 x 32 images live on the device, a batch of 128 is sliced from them and augmented. The first
+    step is run before (it makes the constants once)."""
+    import train
+    p = AUG_PATHS[path]
+    cfg = train.resolve_config(train.build_parser().parse_args(
+        ["--model", p["model"], "--global-batch-size", str(p["batch"]), "--data", p["data"]]), 1)
+    meta, S, B = torch.device("meta"), cfg["img_size_resolved"], p["batch"]
+    aug = train.make_augment(cfg, in_memory=path == "vit_lite")
+    if path == "vit_lite":
+        n = 50_000 // B * B
+        data = torch.utils.data.TensorDataset(torch.zeros(n, 3, 32, 32, dtype=torch.uint8),
+                                              torch.zeros(n, dtype=torch.long))
+        sampler = train.EpochSampler(n, cfg, 0, 1)
+        loader = iter(train.make_loader(data, cfg, meta, sampler=sampler))
+        batches = lambda: next(loader)
+    else:
+        x_cpu, y_cpu = torch.zeros(B, 3, S, S, dtype=torch.uint8), torch.zeros(B, dtype=torch.long)
+        batches = lambda: (x_cpu.to(meta, non_blocking=True), y_cpu.to(meta, non_blocking=True))
+    counts = []
+    for step in range(steps + 1):
+        torch.manual_seed(train.derive_seed(seed, 0, step, 0, "step"))           # train.py's per-step seeding
+        with DeviceOpCounter("meta") as c:
+            aug(*batches())
+        counts.append(c.summary())
+    return counts[1:]
+
+
+# ----------------------------------------------------------------------------------------------------
 # train.py's data path, for both dataset shapes: in memory (CIFAR-100) and an image folder (ImageNet)
 # ----------------------------------------------------------------------------------------------------
 
@@ -226,46 +324,99 @@ def image_folder(root: str, n: int, classes: int = 4) -> None:
                 Image.fromarray(img.permute(1, 2, 0).numpy()).save(os.path.join(folder, f"{i}.jpg"), quality=90)
 
 
+def worker_speed(root: str, cfg: dict, rounds: int) -> tuple[float, float | None]:
+    """ms per image of an image-folder worker, one thread, on the JPEGs under root: train.py's (decode, timm's random
+    resized crop with Pillow, to a uint8 tensor; a batch at a time, as its DataLoader calls it) and timm's own
+    (decode + RandomResizedCropAndInterpolation, an image at a time) given the very same crops, in alternating
+    rounds; None for timm when it is not installed. Medians over the rounds."""
+    import augment
+    import torchvision
+    import train
+    ours = train.FolderImages(root, cfg, train=True)
+    paths = [p for p, _ in ours.folder.samples]
+    decode = torchvision.datasets.folder.default_loader
+    sizes = [decode(p).size for p in paths]                                   # (width, height)
+    try:
+        from timm.data.transforms import RandomResizedCropAndInterpolation
+        crop = RandomResizedCropAndInterpolation(cfg["img_size_resolved"], scale=tuple(cfg["rrc_scale"]),
+                                                 interpolation=cfg["interpolation"])
+    except ImportError:
+        crop = None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    per_round: dict[str, list[float]] = {"ours": [], "timm": []}
+    try:
+        for r in range(rounds):
+            keys = [(i, r * len(paths) + i) for i in range(len(paths))]
+            batch = cfg["per_process_batch_size"]
+            if crop is not None:                                              # timm's own crop, our boxes
+                boxes, _ = augment.crop_draws([h for _, h in sizes], [w for w, _ in sizes], cfg["rrc_scale"],
+                                              1.0, [s for _, s in keys])
+                crop.get_params = lambda img, scale, ratio, it=iter(boxes): next(it)
+            runs = (("ours", lambda: [ours.__getitems__(keys[k:k + batch]) for k in range(0, len(keys), batch)]),
+                    ("timm", crop and (lambda: [crop(decode(p)) for p in paths])))
+            for who, run in runs:
+                if run is None:
+                    continue
+                t0 = time.perf_counter()
+                run()
+                per_round[who].append((time.perf_counter() - t0) / len(paths) * 1e3)
+    finally:
+        torch.set_num_threads(threads)
+    med = lambda v: statistics.median(v) if v else None
+    return med(per_round["ours"]), med(per_round["timm"])
+
+
 def data_pipeline(args, device: torch.device, amp_dtype) -> str:
-    """train.py's own data path (loader + the recipe's whole augmentation) for each dataset shape, alone and
-    feeding MPVG training, and the wall time that projects to for the full recipe's training steps (evaluation
-    and start-up not included):
+    """train.py's own data path (loader + the recipe's whole augmentation) for each dataset shape, at the recipe's
+    per-GPU batch, and what it costs next to the model:
     - CIFAR-100 shape, ViT-Lite-7/4 recipe: 32 x 32 uint8 images in memory on the device, every op batched there;
     - ImageNet shape, DeiT-Ti recipe: JPEGs (about 500 x 375) decoded and randomly cropped to 224 in --workers
       DataLoader processes, the rest batched on the device.
+    Per shape: the augmentation alone on a batch already on the device, a training step of MPVG on a fixed batch
+    (ms per step each), the whole data path alone and feeding training (img/s), the projected wall time of the
+    full recipe's training steps at that rate (evaluation and start-up not included), and the device ops, copies
+    to the device, host syncs and bytes of one augmentation step, counted on the meta device
+    (count_augmentation_steps). Then an image-folder worker against timm's, per image, one thread.
     Generated images stand in for the data sets; the JPEG pool is small and read from the page cache, so the
-    folder row measures decoding and augmentation, not the disk."""
+    folder row measures decoding and augmentation, not the disk. Nothing measured is kept alive: on a GPU the
+    batches of a timed window are freed as they go."""
     import tempfile
     import train
     workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1)
-    shapes = [("CIFAR-100 in memory", "vit_lite_7_4", 50000, 310), ("ImageNet folder", "deit_tiny", 1281167, 300)]
-    rows, steps = [], args.steps * args.repeats                 # one long timed window per shape
+    shapes = [("CIFAR-100 in memory", "vit_lite", "vit_lite_7_4", 50000, 310),
+              ("ImageNet folder", "deit", "deit_tiny", 1281167, 300)]
+    rows, steps, worker = [], args.steps * args.repeats, None    # one long timed window per shape
     with tempfile.TemporaryDirectory() as tmp:
-        for shape, name, n_full, epochs in shapes:
-            B = args.batch_sizes.get(name, 128)
+        for shape, path, name, n_full, epochs in shapes:
+            B = args.batch_sizes.get(name, AUG_PATHS[path]["batch"])
             argv = ["--model", name, "--global-batch-size", str(B), "--workers", str(workers), "--lr", "5e-4"]
             if name == "deit_tiny":
-                image_folder(os.path.join(tmp, "in"), max(256, 2 * B))
+                image_folder(os.path.join(tmp, "in"), max(256, 2 * B))   # repeated augmentation keeps n // 256 * 256
                 argv += ["--data", "imagenet", "--data-path", os.path.join(tmp, "in")]
             else:
                 argv += ["--data", "synthetic", "--synthetic-size", str(max(4096, 4 * B))]
             cfg = train.resolve_config(train.build_parser().parse_args(argv), 1)
             train_set, _ = train.load_data(cfg, 0)
-            info = train.DATASETS[cfg["data"]]
             in_memory = isinstance(train_set, torch.utils.data.TensorDataset)
-            augment = train.Augment(cfg, info["mean"], info["std"], info["num_classes"], crop=in_memory)
+            aug = train.make_augment(cfg, in_memory)
             sampler = train.EpochSampler(len(train_set), cfg, 0, 1)
             loader = train.make_loader(train_set, cfg, device, sampler=sampler)
 
+            if sampler.steps == 0:
+                raise SystemExit(f"error: {shape}: batch {B} leaves no training step in an epoch of this data")
+
             def batches():                                      # endless, epoch after epoch, as train.py runs
-                epoch = 0
+                epoch, step = 0, 0
                 while True:
                     sampler.set_epoch(epoch)
                     for x, y in loader:
-                        yield augment(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                        torch.manual_seed(step)
+                        step += 1
+                        yield aug(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
                     epoch += 1
             torch.manual_seed(0)
-            model = mpvg.create_model(name, pe="mpvg", num_classes=info["num_classes"]).to(device)
+            model = mpvg.create_model(name, pe="mpvg", num_classes=train.DATASETS[cfg["data"]]["num_classes"]).to(device)
             opt = make_optimizer(model, device)
             autocast = partial(torch.autocast, device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
@@ -275,25 +426,52 @@ def data_pipeline(args, device: torch.device, amp_dtype) -> str:
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+
+            def drain(k, fn=lambda x, target: None):            # batches are dropped as they go
+                for _ in range(k):
+                    fn(*next(it))
             it = batches()
-            for _ in range(max(args.warmup, 1)):                # starts the workers, fills the pipeline
-                step(*next(it))
-            ## data alone over more batches than the loader keeps ready, then data + training steps
-            data_steps = max(4 * steps, 2 * workers + 10)
-            data_s = timed(lambda k: [next(it) for _ in range(k)], data_steps, device)
-            train_s = timed(lambda k: [step(*next(it)) for _ in range(k)], steps, device)
+            drain(max(args.warmup, 1), step)                    # starts the workers, fills the pipeline
+            x0, y0 = next(it)                                   # a fixed augmented batch for the model alone
+            S = cfg["img_size_resolved"]
+            raw = torch.randint(0, 256, (B, 3, S, S) if not in_memory else (B, 3, 32, 32), dtype=torch.uint8,
+                                device=device)
+            labels = torch.zeros(B, dtype=torch.long, device=device)
+            aug_s = timed(lambda k: [aug(raw.clone(), labels) and None for _ in range(k)], steps, device)
+            model_s = timed(lambda k: [step(x0, y0) for _ in range(k)], steps, device)
+            data_steps = max(4 * steps, 2 * workers + 10)       # more batches than the loader keeps ready
+            data_s = timed(drain, data_steps, device)
+            train_s = timed(lambda k: drain(k, step), steps, device)
+            del x0, y0
             if not in_memory:
+                worker = worker_speed(os.path.join(tmp, "in", "train"), cfg, 1 if args.quick else 3)
                 del it, loader                                  # ends the workers
+            counts = count_augmentation_steps(path, steps=1 if args.quick else 5)
             per_epoch = n_full // 256 * 256 if cfg["repeated_aug"] else n_full // B * B
-            rows.append((shape, name, B, data_steps * B / data_s, steps * B / train_s, epochs * per_epoch))
+            rows.append((shape, name, B, aug_s / steps * 1e3, model_s / steps * 1e3, data_steps * B / data_s,
+                         steps * B / train_s, epochs * per_epoch, counts))
     lines = [f"{hardware_line(device)}; {'bf16' if amp_dtype else 'fp32'}; {workers} DataLoader workers",
              f"command: `{args.command}`", "",
-             "| data | model (MPVG) | batch | data + augmentation img/s | training img/s | projected recipe |",
-             "|---|---|---:|---:|---:|---:|"]
-    for shape, name, B, data_ips, train_ips, images in rows:
+             "| data | model (MPVG) | batch | augmentation ms/step | model ms/step | data + augmentation img/s "
+             "| training img/s | projected recipe | device ops/step | copies to device (blocking) | host syncs "
+             "| GB/step (float64) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for shape, name, B, aug_ms, model_ms, data_ips, train_ips, images, counts in rows:
         hours = images / train_ips / 3600
-        when = f"{hours * 60:.1f} min" if hours < 1 else f"{hours:.1f} h" if hours < 48 else f"{hours / 24:.0f} days"
-        lines.append(f"| {shape} | {name} | {B} | {data_ips:.0f} | {train_ips:.1f} | {when} |")
+        when = ("- (--quick)" if args.quick else f"{hours * 60:.1f} min" if hours < 1 else
+                f"{hours:.1f} h" if hours < 48 else f"{hours / 24:.0f} days")
+        span = lambda k, f="{:.0f}": (f.format(min(c[k] for c in counts)) if len({c[k] for c in counts}) == 1 else
+                                      f.format(min(c[k] for c in counts)) + "-" + f.format(max(c[k] for c in counts)))
+        lines.append(f"| {shape} | {name} | {B} | {aug_ms:.1f} | {model_ms:.1f} | {data_ips:.0f} | {train_ips:.1f} "
+                     f"| {when} | {span('kernels')} | {span('copies_to_device')} ({span('blocking_copies')}) "
+                     f"| {span('device_reads')} | {span('gb', '{:.1f}')} ({span('gb_float64', '{:.1f}')}) |")
+    if worker is not None:
+        ours, theirs = worker
+        vs = f"timm {theirs:.2f} ms, ratio {ours / theirs:.2f}" if theirs else "timm not installed"
+        lines += ["", f"Image-folder worker, per image, one thread (decode + random resized crop to 224): "
+                      f"train.py {ours:.2f} ms, {vs}."]
+    if args.quick:
+        lines += ["", "--quick: a smoke run of the script; its numbers, projections included, measure nothing."]
     return "\n".join(lines)
 
 

@@ -43,9 +43,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as nnF
 import torchvision
-from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
+import augment
 import mpvg
 
 
@@ -224,7 +224,7 @@ def resolve_config(args, world_size):
     bad = [f'{flag(k)} {show(cfg[k])} is invalid: must be {what(cfg) if callable(what) else what}'
            for k, ok, what in CHECKS if not ok(cfg[k], cfg)]
     try:
-        parse_randaug(cfg['randaug'])
+        augment.parse_randaug(cfg['randaug'])
     except ValueError as e:
         bad.append(str(e))
     if bad:
@@ -268,19 +268,6 @@ def check_paths(cfg, args):
                         f'the run needs a folder it can write.')
 
 
-def parse_randaug(s):
-    """timm's 'rand-m9-mstd0.5-inc1' -> dict(num_ops=2, magnitude=9.0, magnitude_std=0.5); 'none' -> None."""
-    if s.lower() == 'none':
-        return None
-    parts = dict(re.findall(r'-(mstd|m|n|inc)([0-9.]+)', s))
-    if not (re.fullmatch(r'rand(-(mstd|m|inc)\d+(\.\d+)?|-n\d+)*', s) and parts.get('inc') == '1'
-            and 0 <= float(parts.get('m', 10)) <= 10):
-        raise ValueError(f"--randaug {s!r} is invalid: must be 'none' or a timm RandAugment string of the increasing "
-                         f"op set like 'rand-m9-mstd0.5-inc1' (m<magnitude 0..10>, n<ops>, mstd<std>, inc1)")
-    return dict(num_ops=int(parts.get('n', 2)), magnitude=float(parts.get('m', 10)),
-                magnitude_std=float(parts.get('mstd', 0)))
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # provenance: what made this run
 
@@ -316,35 +303,44 @@ def derive_seed(*keys):
     return int.from_bytes(hashlib.blake2b(repr(keys).encode(), digest_size=8).digest(), 'little') >> 1
 
 
+def _keep_path(path):
+    return path  # ImageFolder's loader: the workers open the file (a module-level function: workers can pickle it)
+
+
 class FolderImages(torch.utils.data.Dataset):
-    """An ImageFolder read as uint8 (3, S, S): what must happen per image, in the DataLoader workers. Keys are
-    (index, seed). Train: decode, then timm's RandomResizedCrop (box and interpolation drawn from the key's seed);
-    eval (and train with --no-random-crop): Resize(int(S / crop_pct)) + CenterCrop(S), bicubic (DeiT)."""
+    """An ImageFolder read as uint8 (3, S, S): what must happen per image, in the DataLoader workers, a batch at a
+    time (__getitems__). Keys are (index, seed). Train: decode, then timm's RandomResizedCrop with Pillow (box and
+    interpolation drawn from the key's seed); eval (and train with --no-random-crop): Resize(int(S / crop_pct)) +
+    CenterCrop(S), bicubic (DeiT)."""
 
     def __init__(self, root, cfg, train):
-        self.folder = torchvision.datasets.ImageFolder(root, loader=lambda path: path)
-        self.classes, self.cfg, self.train = self.folder.classes, cfg, train and cfg['random_crop']
+        self.folder = torchvision.datasets.ImageFolder(root, loader=_keep_path)
+        self.classes, self.train, self.size = self.folder.classes, train and cfg['random_crop'], cfg['img_size_resolved']
+        self.scale, self.crop_pct = cfg['rrc_scale'], cfg['eval_crop_pct']
+        self.bicubic_p = augment.BICUBIC_SHARE[cfg['interpolation']]
 
     def __len__(self):
         return len(self.folder.samples)
 
     def __getitem__(self, key):
-        index, seed = key
-        path, label = self.folder.samples[index]
-        try:
-            img = F.pil_to_tensor(torchvision.datasets.folder.default_loader(path))  # PIL RGB -> uint8 (3, H, W)
-        except (OSError, ValueError, SyntaxError) as e:  # PIL: unidentified, truncated or malformed file
-            raise UserError(f'cannot decode image {path} ({type(e).__name__}: {e}); replace or delete that file, '
-                            f'then rerun with --resume auto to continue from the last checkpoint') from None
-        S, (H, W) = self.cfg['img_size_resolved'], img.shape[-2:]
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys):
+        images, labels = [], []
+        for index, _ in keys:
+            path, label = self.folder.samples[index]
+            try:
+                images.append(torchvision.datasets.folder.default_loader(path))   # PIL, RGB
+            except (OSError, ValueError, SyntaxError) as e:  # PIL: unidentified, truncated or malformed file
+                raise UserError(f'cannot decode image {path} ({type(e).__name__}: {e}); replace or delete that '
+                                f'file, then rerun with --resume auto to continue from the last checkpoint') from None
+            labels.append(label)
         if self.train:
-            g = torch.Generator().manual_seed(seed)
-            box = rrc_boxes(1, H, W, self.cfg['rrc_scale'], g)
-            bicubic = torch.rand(1, generator=g) < BICUBIC_SHARE[self.cfg['interpolation']]
+            seeds = [seed for _, seed in keys]
+            x = augment.pil_random_resized_crops(images, self.size, self.scale, self.bicubic_p, seeds)
         else:
-            box, bicubic = center_crop_box(H, W, S, self.cfg['eval_crop_pct']), torch.ones(1, dtype=torch.bool)
-        x = resized_crop(img[None].float(), box, S, bicubic, inside_box=self.train)
-        return x[0].to(torch.uint8), label
+            x = [augment.pil_center_crop(img, self.size, self.crop_pct) for img in images]
+        return list(zip(x, labels))
 
 
 def load_cifar100(root, local_rank):
@@ -468,17 +464,18 @@ def _worker_init(_):
 
 
 class MemoryBatches:
-    """Batches (uint8 images, labels) of an in-memory set on the device: the sampler's (train) or given indices."""
+    """Batches (uint8 images, labels) of an in-memory set on the device: the sampler's (train) or given indices.
+    The epoch's indices reach the device in one non-blocking copy; a step only slices them."""
 
     def __init__(self, data, device, b, sampler, indices):
         self.images, self.labels = (t.to(device) for t in data.tensors)  # uint8 (n, 3, H, W), labels (n,)
-        s, self.sampler = sampler, sampler
-        self.batches = lambda: (torch.tensor(indices).split(b) if s is None else
-                                torch.tensor(s.indices()).view(s.steps, s.b)[s.start_step:])  # (steps, b)
+        self.device, self.b, self.sampler, self.fixed = device, b, sampler, indices
 
     def __iter__(self):
-        for i in self.batches():
-            i = to_device(i, self.images.device)
+        s = self.sampler
+        order = torch.tensor(self.fixed if s is None else s.indices()[s.start_step * s.b:], dtype=torch.long)
+        order = augment.to_device(dict(i=order), self.device)['i']
+        for i in order.split(self.b):
             yield self.images[i], self.labels[i]
 
 
@@ -494,298 +491,17 @@ def make_loader(data, cfg, device, sampler=None, indices=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# augmentation: the recipe's ops, each written once, on whole batches
+# augmentation: the recipe's, from augment.py (whole batches on the training device)
 
-## Every op works on a batch of float images (B, 3, H, W) holding the values 0..255 of timm's PIL images, with
-## per-image parameters drawn on the CPU (no device sync to group images by op) from torch's global RNG, which the
-## loop seeds every step. Each op does Pillow's arithmetic, so tests/test_augment.py compares it with timm's op.
-
-def to_device(t, device):
-    """A small CPU tensor to `device` through pinned memory: the copy does not wait for the GPU to drain."""
-    return t.pin_memory().to(device, non_blocking=True) if device.type == 'cuda' else t.to(device)
-
-
-BICUBIC_SHARE = {'random': 0.5, 'bicubic': 1.0, 'bilinear': 0.0}  # 'random': bilinear or bicubic per image (timm)
-
-
-def resize_matrix(start, length, n_out, n_in, bicubic, lo, hi):
-    """Pillow's resize along one axis as a (B, n_out, n_in) matrix: output pixel i averages the input pixels j in
-    [lo, hi) near c = start + (i + 0.5) * length / n_out with weights kernel((j + 0.5 - c) / max(1, scale)),
-    normalized; shrinking widens the kernel by the scale (Pillow's antialiasing). Arguments but n_out, n_in: (B,)."""
-    view = lambda t: t.view(-1, 1, 1)
-    scale = view(length / n_out)                                                           # input pixels per output
-    widen = scale.clamp(min=1)
-    support = torch.where(view(bicubic), 2.0, 1.0) * widen
-    c = view(start) + (torch.arange(n_out, device=start.device, dtype=start.dtype).view(1, -1, 1) + 0.5) * scale
-    j = torch.arange(n_in, device=start.device, dtype=start.dtype).view(1, 1, -1)        # (1, 1, n_in)
-    first = torch.maximum((c - support + 0.5).floor(), view(lo))                         # (B, n_out, 1)
-    last = torch.minimum((c + support + 0.5).floor(), view(hi))
-    t, a = ((j + 0.5 - c) / widen).abs(), -0.5  # Pillow's bicubic: the cubic convolution kernel with a = -0.5
-    cubic = torch.where(t < 1, ((a + 2) * t - (a + 3)) * t * t + 1,
-                        torch.where(t < 2, (((t - 5) * t + 8) * t - 4) * a, 0))
-    w = torch.where(view(bicubic), cubic, (1 - t).clamp(min=0)) * ((j >= first) & (j < last))  # bilinear: triangle
-    return w / w.sum(-1, keepdim=True)
-
-
-def resized_crop(x, boxes, size, bicubic, inside_box=True):
-    """Crop each image of x (B, C, H, W) to its box (B, 4) = (top, left, h, w), resize it to size x size as Pillow
-    does (horizontal pass rounded to uint8, then vertical), bicubic (B,) or bilinear. inside_box: crop, then resize
-    (RandomResizedCrop); else resize, then crop (the eval geometry: pixels around a fractional box count too).
-    # deviation: Pillow's weights are 22-bit fixed point and Pillow >= 11 may do the vertical pass first: +-1."""
-    H, W = x.shape[-2:]
-    top, left, h, w = boxes.to(x.device, torch.float64).unbind(1)
-    bicubic, zero = bicubic.to(x.device), torch.zeros_like(top)
-    Wy = resize_matrix(top, h, size, H, bicubic, top if inside_box else zero, top + h if inside_box else zero + H)
-    Wx = resize_matrix(left, w, size, W, bicubic, left if inside_box else zero, left + w if inside_box else zero + W)
-    x = (x @ Wx.to(x.dtype).mT.unsqueeze(1)).add_(0.5).floor_().clamp_(0, 255)          # (B, C, H, size)
-    return (Wy.to(x.dtype).unsqueeze(1) @ x).add_(0.5).floor_().clamp_(0, 255)            # (B, C, size, size)
-
-
-def sample_boxes(n, height, width, scale, ratio, fits, gen=None):
-    """timm's box draws: 10 tries of an area fraction U(scale) and a log-uniform ratio w/h; the first that `fits` wins,
-    at a uniform position. -> (n, 4) float64 (top, left, h, w) and (n,) bool 'a try fitted'."""
-    area = height * width * torch.empty(n, 10, dtype=torch.float64).uniform_(*scale, generator=gen)
-    r = torch.exp(torch.empty(n, 10, dtype=torch.float64).uniform_(*map(math.log, ratio), generator=gen))
-    h, w = torch.round(torch.sqrt(area / r)), torch.round(torch.sqrt(area * r))
-    ok = fits(h, w)                                                                        # (n, 10)
-    first = ok.to(torch.uint8).argmax(1, keepdim=True)                                     # the first fitting try
-    h, w = h.gather(1, first)[:, 0], w.gather(1, first)[:, 0]
-    top = torch.floor(torch.rand(n, dtype=torch.float64, generator=gen) * (height - h + 1))
-    left = torch.floor(torch.rand(n, dtype=torch.float64, generator=gen) * (width - w + 1))
-    return torch.stack([top, left, h, w], 1), ok.any(1)
-
-
-def rrc_boxes(n, height, width, scale, gen=None):
-    """timm's RandomResizedCropAndInterpolation.get_params (ratio 3/4..4/3) for n images of one size H x W."""
-    boxes, ok = sample_boxes(n, height, width, scale, (3 / 4, 4 / 3), lambda h, w: (w <= width) & (h <= height), gen)
-    h = round(width / (3 / 4)) if width / height < 3 / 4 else height
-    w = round(height * 4 / 3) if width / height > 4 / 3 else width
-    whole = torch.tensor([(height - h) // 2, (width - w) // 2, h, w], dtype=torch.float64)
-    return torch.where(ok.view(-1, 1), boxes, whole)
-
-
-def center_crop_box(height, width, size, crop_pct):
-    """torchvision's Resize(int(size / crop_pct)) + CenterCrop(size) as a box for resized_crop(inside_box=False)."""
-    short = int(size / crop_pct)
-    h, w = (short, int(short * width / height)) if height <= width else (int(short * height / width), short)
-    sy, sx = height / h, width / w                                                        # input pixels per pixel
-    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
-    return torch.tensor([[top * sy, left * sx, size * sy, size * sx]], dtype=torch.float64)
-
-
-def erase_boxes(n, height, width, prob, gen=None):
-    """timm RandomErasing(prob, 'pixel', max_count 1): area U(0.02, 1/3) of the image, ratio in (0.3, 1/0.3), with
-    probability prob. -> (n, 4) (top, left, h, w), h = w = 0 where nothing is erased."""
-    boxes, ok = sample_boxes(n, height, width, (0.02, 1 / 3), (0.3, 1 / 0.3), lambda h, w: (h < height) & (w < width),
-                             gen)
-    return boxes * (ok & (torch.rand(n, generator=gen) < prob)).view(-1, 1)
-
-
-def erase(x, boxes, noise):
-    """Box (top, left, h, w) of each image gets the per-pixel noise."""
-    top, left, h, w = (t.view(-1, 1, 1) for t in boxes.to(x.device).unbind(1))
-    rows, cols = torch.arange(x.shape[-2], device=x.device).view(-1, 1), torch.arange(x.shape[-1], device=x.device)
-    inside = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)         # (B, H, W)
-    return torch.where(inside.unsqueeze(1), noise, x)
-
-
-def pil_transform(x, M, bicubic, fill):
-    """Pillow's Image.transform(size, AFFINE, M, resample, fillcolor) for a batch, computed as its Geometry.c does:
-    output pixel centre (x+.5, y+.5) samples the input at (a x + b y + c, d x + e y + f) (M (B, 6) float64) by two
-    lerps (bilinear) or the cubic polynomial a = -1 of 4 x 4 clamped neighbours (bicubic), in float64, truncated;
-    points outside the image get `fill` (C,)."""
-    (B, C, H, W), dev = x.shape, x.device
-    ys, xs = torch.meshgrid(torch.arange(H, device=dev, dtype=torch.float64) + 0.5,
-                            torch.arange(W, device=dev, dtype=torch.float64) + 0.5, indexing='ij')
-    a, b, c, d, e, f = (m.view(B, 1, 1) for m in M.to(dev).unbind(1))
-    u, v = a * xs + b * ys + c - 0.5, d * xs + e * ys + f - 0.5                         # (B, H, W) input points
-    inside = ((u >= -0.5) & (u < W - 0.5) & (v >= -0.5) & (v < H - 0.5)).unsqueeze(1)
-    u0, v0 = u.floor(), v.floor()
-    du, dv = (u - u0).unsqueeze(1), (v - v0).unsqueeze(1)                                # (B, 1, H, W)
-    flat = x.reshape(B, C, H * W)
-
-    def px(i, j):  # the neighbour (row v0 + i, column u0 + j) of every output pixel, (B, C, H, W) float64
-        k = ((v0 + i).clamp(0, H - 1) * W + (u0 + j).clamp(0, W - 1)).long().view(B, 1, -1).expand(B, C, -1)
-        return flat.gather(2, k).view(B, C, H, W).double()
-
-    lerp = lambda p, q, t: p + (q - p) * t
-    poly = lambda v1, v2, v3, v4, t: v2 + t * ((-v1 + v3) + t * ((2 * (v1 - v2) + v3 - v4) + t * (-v1 + v2 - v3 + v4)))
-    out = lerp(lerp(px(0, 0), px(0, 1), du), lerp(px(1, 0), px(1, 1), du), dv)  # bilinear
-    if bicubic.any():
-        rows = [poly(*(px(i, j) for j in (-1, 0, 1, 2)), du) for i in (-1, 0, 1, 2)]
-        out = torch.where(bicubic.to(dev).view(B, 1, 1, 1), poly(*rows, dv), out)
-    return torch.where(inside, out.clamp(0, 255).trunc().to(x.dtype), fill.view(1, -1, 1, 1))
-
-
-def gray(x):
-    """Pillow's convert('L'): (R 19595 + G 38470 + B 7471 + 2^15) >> 16 -> (B, 1, H, W)."""
-    r, g, b = x.unbind(1)
-    return torch.floor((r * 19595 + g * 38470 + b * 7471 + 32768) / 65536).unsqueeze(1)
-
-
-def blend(degenerate, x, factor):
-    """Pillow's ImageEnhance: Image.blend(degenerate, x, f) = degenerate + f (x - degenerate), clipped, truncated."""
-    return (degenerate + factor * (x - degenerate)).clamp_(0, 255).trunc_()
-
-
-def smooth(x):
-    """Pillow's ImageFilter.SMOOTH: 3x3 kernel (1s around a 5) / 13, rounded; border pixels kept."""
-    C, out = x.shape[1], x.clone()
-    kernel = x.new_tensor([[1, 1, 1], [1, 5, 1], [1, 1, 1]]).expand(C, 1, 3, 3)
-    out[..., 1:-1, 1:-1] = (nnF.conv2d(x, kernel, groups=C) / 13 + 0.5).floor()              # (B, C, H-2, W-2)
-    return out
-
-
-def autocontrast(x):
-    """Pillow's ImageOps.autocontrast: per channel int(v * s - lo * s), s = 255 / (hi - lo), in float64 as Pillow."""
-    x64 = x.double()
-    lo, hi = x64.amin((-2, -1), keepdim=True), x64.amax((-2, -1), keepdim=True)
-    scale = hi.new_tensor(255.0) / (hi - lo).clamp(min=1)   # a true division (255 / t would be 255 * (1 / t))
-    return torch.where(hi > lo, (x64 * scale - lo * scale).clamp(0, 255).trunc(), x64).to(x.dtype)
-
-
-## timm `rand-m9-mstd0.5-inc1` (PAPER.md section 4): the 15 ops, and how a magnitude in [0, 10] becomes the op's
-## argument (level = magnitude / 10; `sign` is timm's random negation, +-1).
-RA_OPS = ('AutoContrast', 'Equalize', 'Invert', 'Rotate', 'PosterizeIncreasing', 'SolarizeIncreasing',
-          'SolarizeAdd', 'ColorIncreasing', 'ContrastIncreasing', 'BrightnessIncreasing', 'SharpnessIncreasing',
-          'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel')
-RA_LEVEL_TO_ARG = {
-    'Rotate': lambda lv, s: s * 30 * lv,                        # degrees
-    'ShearX': lambda lv, s: s * 0.3 * lv, 'ShearY': lambda lv, s: s * 0.3 * lv,
-    'TranslateXRel': lambda lv, s: s * 0.45 * lv, 'TranslateYRel': lambda lv, s: s * 0.45 * lv,  # of the size
-    'PosterizeIncreasing': lambda lv, s: 4 - (4 * lv).floor(),  # bits kept
-    'SolarizeIncreasing': lambda lv, s: 256 - (256 * lv).floor(),  # threshold
-    'SolarizeAdd': lambda lv, s: (110 * lv).floor(),            # added to pixels below 128
-    **{f'{n}Increasing': lambda lv, s: (1 + s * 0.9 * lv).clamp(min=0.1)  # enhance factor
-       for n in ('Color', 'Contrast', 'Brightness', 'Sharpness')},
-}
-## op(images, argument (b,) float64, bicubic (b,), fill (C,)) -> images, Pillow's arithmetic (timm auto_augment.py);
-## the enhance factors in float32, as Pillow's C code takes them
-f32 = lambda a: a.float().view(-1, 1, 1, 1)
-RA_APPLY = {
-    'AutoContrast': lambda x, a, bic, fill: autocontrast(x),
-    'Equalize': lambda x, a, bic, fill: F.equalize(x.to(torch.uint8)).to(x.dtype),  # ImageOps.equalize's histogram
-    'Invert': lambda x, a, bic, fill: 255 - x,
-    # 0 bits (magnitude 10, ~1 in 40 draws): a black image, as the official code's Pillow gave (Pillow >= 11 refuses)
-    'PosterizeIncreasing': lambda x, a, bic, fill: torch.floor(x / 2 ** (8 - f32(a))) * 2 ** (8 - f32(a)),
-    'SolarizeIncreasing': lambda x, a, bic, fill: torch.where(x >= f32(a), 255 - x, x),
-    'SolarizeAdd': lambda x, a, bic, fill: torch.where(x < 128, (x + f32(a)).clamp(max=255), x),
-    'ColorIncreasing': lambda x, a, bic, fill: blend(gray(x), x, f32(a)),
-    'ContrastIncreasing': lambda x, a, bic, fill: blend(
-        torch.floor(gray(x).double().mean((-3, -2, -1), keepdim=True) + 0.5).to(x.dtype), x, f32(a)),
-    'BrightnessIncreasing': lambda x, a, bic, fill: blend(torch.zeros_like(x), x, f32(a)),
-    'SharpnessIncreasing': lambda x, a, bic, fill: blend(smooth(x), x, f32(a)),
-    **{name: (lambda x, a, bic, fill, name=name: pil_transform(x, affine_matrices(name, a, *x.shape[-2:]), bic, fill))
-       for name in ('Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel')},
-}
-
-
-def affine_matrices(name, arg, H, W):
-    """(B, 6) Pillow matrices of timm's geometric ops (rotation: Image.rotate's, about the centre) for args (B,)."""
-    one, zero = torch.ones_like(arg), torch.zeros_like(arg)
-    if name == 'Rotate':
-        t = -torch.deg2rad(arg)
-        cos, sin, cx, cy = torch.cos(t), torch.sin(t), W / 2.0, H / 2.0
-        rows = (cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy)
-    else:
-        rows = {'ShearX': (one, arg, zero, zero, one, zero), 'ShearY': (one, zero, zero, arg, one, zero),
-                'TranslateXRel': (one, zero, arg * W, zero, one, zero),
-                'TranslateYRel': (one, zero, zero, zero, one, arg * H)}[name]
-    return torch.stack(rows, 1)
-
-
-def draw_randaug(n, ra, bicubic_p):
-    """RandAugment's draws for n images, per layer (op, arg, bicubic) of (n,): op uniform over RA_OPS (-1: skipped,
-    p 0.5), magnitude N(m, std) clipped to [0, 10], a random sign, the geometric ops' interpolation."""
-    draws = []
-    for _ in range(ra['num_ops']):
-        op = torch.where(torch.rand(n) <= 0.5, torch.randint(len(RA_OPS), (n,)), -1)
-        level = (ra['magnitude'] + ra['magnitude_std'] * torch.randn(n, dtype=torch.float64)).clamp(0, 10) / 10
-        sign = torch.where(torch.rand(n) > 0.5, -1.0, 1.0).double()
-        arg = torch.zeros(n, dtype=torch.float64)
-        for k, name in enumerate(RA_OPS):
-            if name in RA_LEVEL_TO_ARG:
-                arg = torch.where(op == k, RA_LEVEL_TO_ARG[name](level, sign), arg)
-        draws.append((op, arg, torch.rand(n) < bicubic_p))
-    return draws
-
-
-def mix(x, y, cfg, num_classes, rint):
-    """timm's Mixup (prob 1, switch 0.5, mode 'batch', correct_lam) and mixup_target -> (x, smoothed soft targets):
-    one lambda ~ Beta(alpha, alpha) per batch, MixUp or CutMix 50/50; image i is mixed with image B-1-i (timm's
-    x.flip(0); repeated augmentation puts an image's copies next to each other, so a neighbour is often a copy).
-    CutMix: a box of sqrt(1 - lambda) of each side at a uniform centre, clipped, lambda set to the area kept (the
-    box of timm 0.3.2 / 0.4.12, the official code's). rint: round the mixed pixels (timm's uint8 collate)."""
-    lam, cut = 1.0, False
-    if cfg['mixup'] > 0 or cfg['cutmix'] > 0:
-        cut = cfg['cutmix'] > 0 and (cfg['mixup'] == 0 or float(torch.rand(())) < 0.5)
-        alpha = cfg['cutmix'] if cut else cfg['mixup']
-        lam = float(torch.distributions.Beta(alpha, alpha).sample())
-    if cut:
-        H, W = x.shape[-2:]
-        ch, cw = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
-        cy, cx = int(torch.randint(H, ())), int(torch.randint(W, ()))
-        yl, yh, xl, xh = max(cy - ch // 2, 0), min(cy + ch // 2, H), max(cx - cw // 2, 0), min(cx + cw // 2, W)
-        x = x.clone()
-        x[..., yl:yh, xl:xh] = x.flip(0)[..., yl:yh, xl:xh]
-        lam = 1 - (yh - yl) * (xh - xl) / (H * W)
-    elif lam < 1:
-        x = x * lam + x.flip(0) * (1 - lam)
-        x = x.round() if rint else x
-    off = cfg['smoothing'] / num_classes
-    t = nnF.one_hot(y, num_classes).float() * (1 - cfg['smoothing']) + off
-    return x, t * lam + t.flip(0) * (1 - lam)
-
-
-class Augment:
-    """The recipe's augmentation: uint8 batch (B, 3, H, W), labels -> normalized float (B, 3, S, S), soft targets.
-    timm's order: [RandomResizedCrop (image folders are cropped in the loader)] -> h-flip -> RandAugment, then
-    ViT-Lite (timm's prefetching loader): MixUp/CutMix on the uint8 batch -> normalize -> RandomErasing;
-    DeiT (per-image transform, then Mixup in the loop): normalize -> RandomErasing -> MixUp/CutMix."""
-
-    def __init__(self, cfg, mean, std, num_classes, crop):
-        self.cfg, self.K, self.S = cfg, num_classes, cfg['img_size_resolved']
-        self.crop = crop and cfg['random_crop']
-        self.ra = parse_randaug(cfg['randaug'])
-        self.bicubic_p = BICUBIC_SHARE[cfg['interpolation']]
-        self.mean, self.std = (torch.tensor(v).view(1, -1, 1, 1) for v in (mean, std))
-        self.fill = torch.tensor([min(255, round(255 * m)) for m in mean], dtype=torch.float32)  # timm's img_mean
-
-    def normalize(self, x):
-        if self.mean.device != x.device:  # the constants move to the device once, not every step
-            self.mean, self.std, self.fill = (t.to(x.device) for t in (self.mean, self.std, self.fill))
-        return (x / 255.0 - self.mean) / self.std
-
-    def geometry(self, x):
-        """The eval geometry of in-memory sets: the image as is, resized (bicubic) if the model's size differs."""
-        if tuple(x.shape[-2:]) == (self.S, self.S):
-            return x.float()
-        box = torch.tensor([[0.0, 0.0, *x.shape[-2:]]], dtype=torch.float64).expand(len(x), 4)
-        return resized_crop(x.float(), box, self.S, torch.ones(len(x), dtype=torch.bool))
-
-    def __call__(self, x, y):
-        B, cfg, dev = len(x), self.cfg, x.device
-        if self.crop:
-            boxes = rrc_boxes(B, *x.shape[-2:], cfg['rrc_scale'])
-            x = resized_crop(x.float(), boxes, self.S, torch.rand(B) < self.bicubic_p)
-        else:
-            x = self.geometry(x)
-        if cfg['hflip'] > 0:
-            x = torch.where(to_device(torch.rand(B) < cfg['hflip'], dev).view(-1, 1, 1, 1), x.flip(-1), x)
-        for op, arg, bicubic in draw_randaug(B, self.ra, self.bicubic_p) if self.ra else ():
-            for k, name in enumerate(RA_OPS):  # each op runs once per layer, on the images that drew it
-                sel = (op == k).nonzero()[:, 0]
-                if len(sel):
-                    i = to_device(sel, dev)
-                    x[i] = RA_APPLY[name](x[i], to_device(arg[sel], dev), bicubic[sel], self.fill.to(dev))
-        if cfg['mix_first']:
-            x, target = mix(x, y, cfg, self.K, rint=True)
-        x = self.normalize(x)
-        if cfg['reprob'] > 0:
-            x = erase(x, erase_boxes(B, self.S, self.S, cfg['reprob']), torch.randn(x.shape, device=dev))
-        if not cfg['mix_first']:
-            x, target = mix(x, y, cfg, self.K, rint=False)
-        return x, target
+def make_augment(cfg, in_memory):
+    """The recipe's augmentation for this run's data: in-memory sets are cropped on the device, image folders in
+    their DataLoader workers (FolderImages)."""
+    info = DATASETS[cfg['data']]
+    return augment.Augment(cfg['img_size_resolved'], info['mean'], info['std'], info['num_classes'],
+                           crop=in_memory and cfg['random_crop'], crop_scale=cfg['rrc_scale'],
+                           interpolation=cfg['interpolation'], hflip=cfg['hflip'], randaug=cfg['randaug'],
+                           mixup=cfg['mixup'], cutmix=cfg['cutmix'], smoothing=cfg['smoothing'], reprob=cfg['reprob'],
+                           mix_first=cfg['mix_first'])
 
 
 def soft_cross_entropy(logits, target):
@@ -1001,12 +717,12 @@ def reconcile_record(out, ckpt):
 # train / eval loop
 
 @torch.no_grad()
-def evaluate(model, loader, augment, device, autocast):
+def evaluate(model, loader, aug, device, autocast):
     """top-1 / top-5 in % over the whole validation set, counts summed over ranks (each sample counted once)."""
     model.eval()  # the training loop sets train() again at each epoch
     counts = torch.zeros(3, dtype=torch.long, device=device)  # correct@1, correct@5, n
     for x, y in loader:
-        x, y = augment.normalize(augment.geometry(x.to(device, non_blocking=True))), y.to(device, non_blocking=True)
+        x, y = aug.eval(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
         with autocast:
             logits = model(x)
         hit = logits.topk(min(5, logits.shape[-1]), dim=-1).indices == y[:, None]  # (B, 5)
@@ -1023,7 +739,7 @@ def sync_status(first_bad, device, world):
     return t.tolist()
 
 
-def train(cfg, raw_model, model, optimizer, loaders, augment, sampler, state, device, rank, world, autocast):
+def train(cfg, raw_model, model, optimizer, loaders, aug, sampler, state, device, rank, world, autocast):
     """The epoch loop. state: epoch, step, loss_sum, best_top1, best_epoch, log (restored by --resume)."""
     out, steps, show = cfg['output_dir'], sampler.steps, rank == 0 and not cfg['no_progress']
     checkpoint = lambda epoch, step, loss_sum: dict(
@@ -1047,7 +763,7 @@ def train(cfg, raw_model, model, optimizer, loaders, augment, sampler, state, de
             ## every step's randomness (augmentation draws, erasing noise, MixUp/CutMix, drop-path, dropout) comes
             ## from torch's global RNGs, seeded here by (seed, epoch, step, rank)
             torch.manual_seed(derive_seed(cfg['seed'], epoch, step, rank, 'step'))
-            x, target = augment(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+            x, target = aug(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
             with autocast:
                 logits = model(x)
             loss = soft_cross_entropy(logits, target)
@@ -1086,7 +802,7 @@ def train(cfg, raw_model, model, optimizer, loaders, augment, sampler, state, de
         train_time = time.time() - t0
         train_loss = all_reduce(loss_sum).item() / (world * steps)
         ## evaluate the raw model: ranks see different numbers of batches, DDP's forward could sync
-        top1, top5, n = evaluate(raw_model, loaders['val'], augment, device, autocast)
+        top1, top5, n = evaluate(raw_model, loaders['val'], aug, device, autocast)
         line = dict(epoch=epoch, train_loss=round(train_loss, 6), val_top1=round(top1, 4), val_top5=round(top5, 4),
                     val_n=n, lr=lr, img_per_s=round((steps - start) * cfg['global_batch_size'] / train_time, 1),
                     epoch_time_s=round(time.time() - t0, 2))
@@ -1172,14 +888,12 @@ def run(argv):
                 print(f'resumed {resume}: epoch {state["epoch"]}, step {state["step"]}', file=sys.stderr)
         ## data
         train_set, val_set = load_data(cfg, local_rank)
-        info = DATASETS[cfg['data']]
-        in_memory = isinstance(train_set, torch.utils.data.TensorDataset)  # else an image folder, cropped per image
-        augment = Augment(cfg, info['mean'], info['std'], info['num_classes'], crop=in_memory)
+        aug = make_augment(cfg, in_memory=isinstance(train_set, torch.utils.data.TensorDataset))
         sampler = EpochSampler(len(train_set), cfg, rank, world)
         loaders = dict(val=make_loader(val_set, cfg, device, indices=eval_indices(len(val_set), world, rank)))
         cfg.update(steps_per_epoch=sampler.steps, train_size=len(train_set), val_size=len(val_set))
         if args.eval_only:
-            top1, top5, n = evaluate(raw_model, loaders['val'], augment, device, autocast)
+            top1, top5, n = evaluate(raw_model, loaders['val'], aug, device, autocast)
             if rank == 0:
                 print(json.dumps(dict(eval=resume, val_top1=round(top1, 4), val_top5=round(top5, 4), val_n=n)))
             return
@@ -1200,8 +914,7 @@ def run(argv):
             model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[local_rank] if device.type == 'cuda' else None)
         loaders['train'] = make_loader(train_set, cfg, device, sampler=sampler)
-        state = train(cfg, raw_model, model, optimizer, loaders, augment, sampler, state, device, rank, world,
-                      autocast)
+        state = train(cfg, raw_model, model, optimizer, loaders, aug, sampler, state, device, rank, world, autocast)
         if rank == 0:
             print(json.dumps(dict(summary=True, best_top1=round(state['best_top1'], 4), best_epoch=state['best_epoch'],
                                   epochs=cfg['total_epochs'], output_dir=out)), flush=True)

@@ -140,19 +140,6 @@ def test_weight_decay_groups_per_recipe():
     assert wd[id(d.blocks[0].norm1.weight)] == 0.0
 
 
-def test_soft_targets_label_smoothing():
-    y = torch.tensor([0, 3, 1])
-    x, t = train.mix(torch.zeros(3, 3, 4, 4), y, dict(mixup=0.0, cutmix=0.0, smoothing=0.1), 5, rint=False)
-    expected = torch.full((3, 5), 0.02)
-    expected[torch.arange(3), y] = 0.92
-    torch.testing.assert_close(t, expected)
-    torch.manual_seed(0)
-    x, t = train.mix(torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]), dict(mixup=0.8, cutmix=1.0, smoothing=0.1),
-                     5, rint=False)
-    torch.testing.assert_close(t.sum(-1), torch.ones(4))
-    assert t.min() >= 0.02 - 1e-6 and x.shape == (4, 3, 8, 8)
-
-
 # ------------------------------------------------------------------------------------------------ samplers
 
 def test_repeated_aug_sampler_properties():
