@@ -442,7 +442,6 @@ def data_pipeline(args, device: torch.device, amp_dtype) -> str:
             data_steps = max(4 * steps, 2 * workers + 10)       # more batches than the loader keeps ready
             data_s = timed(drain, data_steps, device)
             train_s = timed(lambda k: drain(k, step), steps, device)
-            del x0, y0
             if not in_memory:
                 worker = worker_speed(os.path.join(tmp, "in", "train"), cfg, 1 if args.quick else 3)
                 del it, loader                                  # ends the workers

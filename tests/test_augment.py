@@ -7,7 +7,6 @@ timm's create_transform configured as each official recipe is. Then what makes i
 PyTorch's meta device: no step waits on the device, a few hundred kernels, bounded bytes, no TF32. Then the recipe
 order and pairing of MixUp/CutMix through train.py's sampler, and the in-memory batches' sharding."""
 import ast
-import math
 import os
 import random
 import subprocess
