@@ -33,6 +33,11 @@ Where the equations live (numbers as in the paper's method section; the code lin
 Models: `vit_lite_7_4` (CIFAR, 32x32, the Compact-Transformers layer) and `deit_tiny/small/base` (224x224,
 timm names and init, so a timm `deit_*_patch16_224` state dict loads with strict=True into `pe='vit'`).
 
+As a backbone, every variant has timm's API: `num_classes=0` (the pooled features, `num_features` wide),
+`reset_classifier`, `forward_features` / `forward_head`, `forward_intermediates` (one feature map per layer, for
+detection and segmentation heads), and `checkpoint_filter_fn`, which adapts a timm or DeiT state dict, or one of
+another img_size, to any variant.
+
 Two kinds of comments: `##` lines teach (strip them and the code still reads), `#` lines are functional.
 """
 
@@ -540,8 +545,11 @@ def checkpoint_filter_fn(state_dict: dict, model: VisionTransformer) -> dict[str
     """
     state_dict = state_dict.get("model", state_dict)           # DeiT / LaPE files: {'model': state_dict, ...}
     own = model.state_dict()
+    ## A DeiT checkpoint has no PE LayerNorms LN'_l: at their initialisation (weight 1, bias 0) each one starts as a
+    ## plain normalization of the PE, and fine-tuning learns them.
     out = {}
     for k, v in state_dict.items():
+        ## A GAP model has no class token, so the token and its PE row (row 0) have nothing to go to.
         if k == "cls_token" and model.cls_token is None:
             continue
         if k.startswith("head.") and (k not in own or own[k].shape != v.shape):
