@@ -333,10 +333,10 @@ class VisionTransformer(nn.Module):
     def num_classes(self) -> int:
         return self.cfg.num_classes
 
-    def forward_features(self, x, taps: dict | None = None):
-        """Eq. (1)-(11) up to the pooling: (B, 3, H, W) -> y (B, T, D).
+    def forward_features(self, x, taps: list | None = None):
+        """Eq. (1)-(11) up to the pooling: (B, C, H, W) -> y (B, T, D).
 
-        taps: {layer l: None}; each such layer's output x_{l+1} (B, T, D) is stored there (forward_intermediates).
+        taps: a list to which each layer's output x_{l+1} (B, T, D) is appended (for forward_intermediates).
         """
         pe = self.cfg.pe
         x = self.patch_embed(x)                                     # (B, 3, H, W) -> (B, N, D)
@@ -349,10 +349,10 @@ class VisionTransformer(nn.Module):
         if pe.pe_at_input:
             x = x + self.pos_embed                                  # Eq. (1)/(8); LaPE skips it, Eq. (5)
         pes = self.layer_pes()
-        for l, (block, pe_l) in enumerate(zip(self.blocks, pes)):
+        for block, pe_l in zip(self.blocks, pes):
             x = block(x, pe_l)                                      # Eq. (2)-(3), (6), (9)
-            if taps is not None and l in taps:
-                taps[l] = x
+            if taps is not None:
+                taps.append(x)
         y = self.norm(x)                                            # Eq. (4): the Last LN
         if pe.last_ln_pe is not None:
             pos_k = self.pos_embed if pe.last_ln_pe == 0 else pes[pe.last_ln_pe]
@@ -403,8 +403,8 @@ class VisionTransformer(nn.Module):
                              f"int n in 1..{L} (the last n layers), or a list of layers in {-L}..{L - 1}")
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt={output_fmt!r} is invalid; valid: 'NCHW', 'NLC'")
-        taps = dict.fromkeys(take)
-        y = self.forward_features(x, taps)
+        taps = []
+        y = self.forward_features(x, taps)                          # taps[l]: the output of layer l
         maps = []
         for l in take:
             t = self.norm(taps[l]) if norm else taps[l]
