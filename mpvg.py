@@ -33,6 +33,11 @@ Where the equations live (numbers as in the paper's method section; the code lin
 Models: `vit_lite_7_4` (CIFAR, 32x32, the Compact-Transformers layer) and `deit_tiny/small/base` (224x224,
 timm names and init, so a timm `deit_*_patch16_224` state dict loads with strict=True into `pe='vit'`).
 
+As a backbone, every variant has timm's API: `num_classes=0` (the pooled features, `num_features` wide),
+`reset_classifier`, `forward_features` / `forward_head`, `forward_intermediates` (one feature map per layer, for
+detection and segmentation heads), and `checkpoint_filter_fn`, which adapts a timm or DeiT state dict, or one of
+another img_size, to any variant.
+
 Two kinds of comments: `##` lines teach (strip them and the code still reads), `#` lines are functional.
 """
 
@@ -47,7 +52,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["PEConfig", "PE_PRESETS", "PE_KNOBS", "ViTConfig", "MODELS", "VisionTransformer", "validate_config",
-           "make_config", "create_model", "probe", "pe_token_correlation", "pe_token_correlation_parts"]
+           "make_config", "create_model", "checkpoint_filter_fn", "probe", "pe_token_correlation",
+           "pe_token_correlation_parts"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -152,10 +158,19 @@ class PatchEmbed(nn.Module):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"img_size={img_size} is not a multiple of patch_size={patch_size}")
-        self.num_patches = (img_size // patch_size) ** 2
+        self.img_size = img_size
+        self.grid_size = (img_size // patch_size,) * 2             # (H/p, W/p), timm's name
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x):
+        if x.shape[-2:] != (self.img_size, self.img_size):
+            ## pos_embed has one row per patch of an img_size image, so no other size can be added to it.
+            H, W = x.shape[-2:]
+            raise ValueError(f"input images are {H}x{W} pixels, but this model was built for img_size="
+                             f"{self.img_size}; valid: {self.img_size}x{self.img_size} images, or, for square images "
+                             f"of another size S, a model built with img_size=S that loads these weights through "
+                             f"checkpoint_filter_fn (which resamples the position embedding to the new patch grid)")
         x = self.proj(x)                       # (B, C, H, W) -> (B, D, H/p, W/p)
         return x.flatten(2).transpose(1, 2)    # (B, D, H/p, W/p) -> (B, N, D), patches p_1..p_N (a view)
 
@@ -264,7 +279,9 @@ class VisionTransformer(nn.Module):
 
         self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, D)
         N = self.patch_embed.num_patches
-        self.num_tokens = N + (pe.pool == "cls")                   # T: the class token takes a row of the PE too
+        self.num_prefix_tokens = int(pe.pool == "cls")             # timm's name: tokens before the patches
+        self.num_tokens = N + self.num_prefix_tokens               # T: the class token takes a row of the PE too
+        self.num_features = D                                      # timm's name: the width of the pooled features
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if pe.pool == "cls" else None
         uses_pos = pe.pe_at_input or pe.layerwise_from is not None or pe.last_ln_pe is not None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, D)) if uses_pos else None
@@ -274,7 +291,8 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, dpr[l], has_pe_norm=l >= first) for l in range(L))
         self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)              # the Last LN, Eq. (4)
         self.pe_norm = nn.LayerNorm(D, eps=cfg.norm_eps) if pe.last_ln_pe is not None else None  # LN' of Eq. (11)
-        self.head = nn.Linear(D, cfg.num_classes)
+        ## num_classes=0, as in timm: no classifier, forward returns the pooled features (B, num_features).
+        self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes else nn.Identity()
         self._init_weights()
 
     @torch.no_grad()
@@ -311,7 +329,15 @@ class VisionTransformer(nn.Module):
             pes[l] = prev = self.blocks[l].pe_norm(src)             # Eq. (7)/(10): pos_l = LN'_l(pos_{l-1})
         return pes
 
-    def forward_features(self, x):
+    @property
+    def num_classes(self) -> int:
+        return self.cfg.num_classes
+
+    def forward_features(self, x, taps: list | None = None):
+        """Eq. (1)-(11) up to the pooling: (B, C, H, W) -> y (B, T, D).
+
+        taps: a list to which each layer's output x_{l+1} (B, T, D) is appended (for forward_intermediates).
+        """
         pe = self.cfg.pe
         x = self.patch_embed(x)                                     # (B, 3, H, W) -> (B, N, D)
         if self.cls_token is not None:
@@ -325,20 +351,70 @@ class VisionTransformer(nn.Module):
         pes = self.layer_pes()
         for block, pe_l in zip(self.blocks, pes):
             x = block(x, pe_l)                                      # Eq. (2)-(3), (6), (9)
+            if taps is not None:
+                taps.append(x)
         y = self.norm(x)                                            # Eq. (4): the Last LN
         if pe.last_ln_pe is not None:
             pos_k = self.pos_embed if pe.last_ln_pe == 0 else pes[pe.last_ln_pe]
             y = y + self.pe_norm(pos_k)                             # Eq. (11): y = LN(x_{L+1}) + LN'(pos_0)
         return y
 
-    def forward_head(self, y):
+    def forward_head(self, y, pre_logits: bool = False):
+        """y (B, T, D) -> logits (B, num_classes), or with pre_logits=True the pooled features (B, D)."""
         y = y[:, 0] if self.cfg.pe.pool == "cls" else y.mean(dim=1)  # class token, or GAP over the tokens
         ## deviation: timm's GAP ViTs pool first and normalize after (fc_norm); the paper (Eq. 11) normalizes
         ## each token at the Last LN and then averages, which is what this does.
-        return self.head(y)
+        return y if pre_logits else self.head(y)
 
     def forward(self, x):
         return self.forward_head(self.forward_features(x))
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """timm's: a new head for num_classes (0: none, forward returns the pooled features), initialised afresh."""
+        ok, valid = _ARCH_RULES["num_classes"]
+        if not ok(num_classes):
+            raise ValueError(f"num_classes={num_classes!r} is invalid: must be {valid}")
+        self.cfg = dataclasses.replace(self.cfg, num_classes=num_classes)   # a copy: cfg may be shared
+        head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+        if num_classes:
+            nn.init.trunc_normal_(head.weight, std=0.02)            # as _init_weights
+            nn.init.zeros_(head.bias)
+        self.head = head.to(self.patch_embed.proj.weight).train(self.training)  # the model's device and dtype
+
+    def forward_intermediates(self, x, indices=None, norm: bool = False, intermediates_only: bool = False,
+                              output_fmt: str = "NCHW"):
+        """timm's: the output tokens of the chosen layers as feature maps, what detection and segmentation heads take.
+
+        indices: None = every layer, an int n = the last n layers, a list = those layers (negative: from the end).
+        Each map is a layer's output x_{l+1} without the class token, (B, D, H/p, W/p) for output_fmt 'NCHW' or
+        (B, N, D) for 'NLC'; norm=True passes it through the Last LN first (only: Eq. 11's LN'(pos_0) is a term of
+        the final features alone). Returns the maps, or (forward_features(x), maps) unless intermediates_only.
+        """
+        L = len(self.blocks)
+        if indices is None or _is_int(indices):
+            n = L if indices is None else indices
+            take = list(range(L - n, L))                            # the last n layers
+        elif isinstance(indices, (list, tuple)):
+            take = [i + L if _is_int(i) and i < 0 else i for i in indices]
+        else:
+            take = []
+        if not take or not all(_is_int(i) and 0 <= i < L for i in take):
+            raise ValueError(f"indices={indices!r} names no layers of this depth-{L} model; valid: None (all), an "
+                             f"int n in 1..{L} (the last n layers), or a list of layers in {-L}..{L - 1}")
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt={output_fmt!r} is invalid; valid: 'NCHW', 'NLC'")
+        taps = []
+        y = self.forward_features(x, taps)                          # taps[l]: the output of layer l
+        maps = []
+        for l in take:
+            t = self.norm(taps[l]) if norm else taps[l]
+            t = t[:, self.num_prefix_tokens:]                       # (B, T, D) -> (B, N, D): the class token dropped
+            if output_fmt == "NCHW":
+                B, N, D = t.shape
+                t = t.reshape(B, *self.patch_embed.grid_size, D)    # (B, N, D) -> (B, H/p, W/p, D)
+                t = t.permute(0, 3, 1, 2).contiguous()              # (B, H/p, W/p, D) -> (B, D, H/p, W/p)
+            maps.append(t)
+        return maps if intermediates_only else (y, maps)
 
     def no_weight_decay(self) -> set[str]:
         """timm/DeiT convention: parameters the DeiT recipe does not decay (besides 1-D ones and biases)."""
@@ -367,7 +443,8 @@ _RATE = "a number in [0, 1)"
 ## Each architecture field on its own: (test of the value, what is valid). The constraints between fields follow
 ## in validate_config, which reports every failure at once.
 _ARCH_RULES: dict[str, tuple] = {
-    "img_size": _INT, "patch_size": _INT, "in_chans": _INT, "num_classes": _INT,
+    "img_size": _INT, "patch_size": _INT, "in_chans": _INT,
+    "num_classes": (lambda v: _is_int(v) and v >= 0, "an int >= 0 (0: no head, as timm: the pooled features)"),
     "embed_dim": _INT, "depth": _INT, "num_heads": _INT,
     "mlp_ratio": _POSITIVE, "norm_eps": _POSITIVE,
     "qkv_bias": _BOOL, "fused_attn": _BOOL,
@@ -447,6 +524,63 @@ def create_model(name: str, pe: str | PEConfig = "mpvg", num_classes: int | None
     Arguments as make_config, which checks them all before any weight is allocated.
     """
     return VisionTransformer(make_config(name, pe, num_classes, **overrides))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints of another variant or another image size (timm's checkpoint_filter_fn)
+# ----------------------------------------------------------------------------------------------------
+
+def checkpoint_filter_fn(state_dict: dict, model: VisionTransformer) -> dict[str, torch.Tensor]:
+    """Adapt a state dict to `model` (timm's name), from any variant and img_size of this file's models, timm's
+    `deit_*_patch16_224` or an official DeiT / LaPE checkpoint ({'model': state_dict}). Load the result with
+    `model.load_state_dict(..., strict=False)`:
+
+    - `cls_token` and the class token's row of `pos_embed` are dropped for a GAP model (Eq. 8: no class token);
+    - the patch rows of `pos_embed` are resampled to the model's patch grid when it differs, as timm does;
+    - `head` is kept when it has the model's shape and dropped otherwise (num_classes=0 or another number of
+      classes), so the model keeps its own freshly initialised head;
+    - every other tensor is passed on as it is. The model's weights the checkpoint lacks stay at their
+      initialisation and load_state_dict's missing_keys names them: from a DeiT checkpoint, the PE LayerNorms
+      (`blocks.<l>.pe_norm`, `pe_norm`), and `head` if it was dropped.
+    """
+    state_dict = state_dict.get("model", state_dict)           # DeiT / LaPE files: {'model': state_dict, ...}
+    own = model.state_dict()
+    ## A DeiT checkpoint has no PE LayerNorms LN'_l: at their initialisation (weight 1, bias 0) each one starts as a
+    ## plain normalization of the PE, and fine-tuning learns them.
+    out = {}
+    for k, v in state_dict.items():
+        ## A GAP model has no class token, so the token and its PE row (row 0) have nothing to go to.
+        if k == "cls_token" and model.cls_token is None:
+            continue
+        if k.startswith("head.") and (k not in own or own[k].shape != v.shape):
+            continue
+        if k == "pos_embed" and model.pos_embed is not None:
+            v = _resample_pos_embed(v, "cls_token" in state_dict, model)
+        out[k] = v
+    return out
+
+
+def _resample_pos_embed(pos, has_cls: bool, model: VisionTransformer) -> torch.Tensor:
+    """A checkpoint's pos_embed (1, [1 +] N', D) -> (1, T, D) for `model`: the class token's row kept or dropped, the
+    N' patch rows resampled to the model's grid as timm's resample_abs_pos_embed (bicubic, antialias, float32)."""
+    if model.cls_token is not None and not has_cls:
+        raise ValueError("the checkpoint has no cls_token (a GAP variant), so it has no class token nor PE row for "
+                         "it to give a pool='cls' model; valid: a checkpoint with a class token, or a GAP model")
+    cls_row, grid = pos[:, :int(has_cls)], pos[:, int(has_cls):]   # (1, 0 or 1, D), (1, N', D)
+    old, new = math.isqrt(grid.shape[1]), model.patch_embed.grid_size[0]
+    if old * old != grid.shape[1]:
+        raise ValueError(f"the checkpoint's pos_embed has {grid.shape[1]} patch rows (after "
+                         f"{int(has_cls)} class-token row), not a square patch grid; valid: n*n patch rows after "
+                         f"at most one class-token row (a distilled DeiT's extra token is not supported)")
+    if old != new:
+        ## Each of the D channels of the PE is an old x old image, resized like one (timm: bicubic, antialias).
+        D = grid.shape[-1]
+        g = grid.float().reshape(1, old, old, D).permute(0, 3, 1, 2)   # (1, N', D) -> (1, D, old, old)
+        g = F.interpolate(g, size=(new, new), mode="bicubic", antialias=True)
+        grid = g.permute(0, 2, 3, 1).reshape(1, new * new, D).to(pos.dtype)   # (1, D, new, new) -> (1, N, D)
+    elif has_cls == (model.cls_token is not None):
+        return pos                                             # same grid, same tokens: unchanged
+    return torch.cat([cls_row, grid], dim=1) if model.cls_token is not None else grid
 
 
 # ----------------------------------------------------------------------------------------------------

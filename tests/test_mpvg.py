@@ -620,7 +620,7 @@ BAD_VALUES = [
     ('img_size', 0), ('img_size', -32), ('img_size', 32.0), ('img_size', True),
     ('patch_size', -8), ('patch_size', 8.0), ('patch_size', None),
     ('in_chans', 0), ('in_chans', '3'),
-    ('num_classes', 0), ('num_classes', -10), ('num_classes', False),
+    ('num_classes', -1), ('num_classes', -10), ('num_classes', False), ('num_classes', 10.0),
     ('embed_dim', 0), ('embed_dim', 48.5), ('embed_dim', True),
     ('depth', 0), ('depth', -1), ('depth', True), ('depth', 4.0), ('depth', None),
     ('num_heads', -3), ('num_heads', True), ('num_heads', 3.0),
