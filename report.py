@@ -371,7 +371,7 @@ def bar_chart(path, rows):
             if r['paper_top1'] is not None:
                 ax.plot([i - 0.4, i + 0.4], [r['paper_top1']] * 2, color='black', lw=2,
                         label='paper' if not any(q['paper_top1'] is not None for q in rs[:i]) else None)
-            ax.text(i, r['best_top1_mean'], f'{r["best_top1_mean"]:.2f}', ha='center', va='bottom', fontsize=8)
+            ax.text(i + 0.05, r['best_top1_mean'], f'{r["best_top1_mean"]:.2f}', ha='left', va='bottom', fontsize=8)
         values = means + [r['paper_top1'] for r in rs if r['paper_top1'] is not None] + \
             [v for r in rs for v in r['best_top1_runs']]
         lo, hi = min(values), max(values)

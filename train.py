@@ -1156,7 +1156,7 @@ def finished(args, cfg, resume, ckpt):
     """The run folder's own last.pt has trained every epoch this command asks for, at an epoch boundary. More epochs
     (--epochs 400 --allow-change epochs) is not finished: the run trains on."""
     ours = resume is not None and os.path.abspath(os.path.dirname(resume)) == os.path.abspath(cfg['output_dir'])
-    return (ckpt is not None and ours and not args.overwrite and ckpt['step'] == 0
+    return (ckpt is not None and ours and not (args.overwrite or args.eval_only) and ckpt['step'] == 0
             and ckpt['epoch'] >= cfg['total_epochs'])
 
 
