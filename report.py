@@ -436,16 +436,20 @@ def eval_preprocess(cfg, x):
 
 
 def load_run_model(run, which):
-    """(model in eval mode, checkpoint) from <run>/<which>.pt, or from a .pt file given directly."""
+    """(model in eval mode, checkpoint, its path) from <run>/<which>.pt, or from a .pt file given directly."""
     path = run if run.endswith('.pt') else os.path.join(run, f'{which}.pt')
     if not os.path.isfile(path):
         raise train.UserError(f'{path}: no such checkpoint (a run folder holds best.pt and last.pt after its first '
                               f'epoch).')
     ckpt = train.load_checkpoint(path)
-    cfg = ckpt['config']
-    model = mpvg.create_model(cfg['model'], pe=cfg['pe'], **cfg['model_kwargs'])
-    model.load_state_dict(ckpt['model'])
-    return model.eval(), ckpt
+    try:
+        cfg = ckpt['config']
+        model = mpvg.create_model(cfg['model'], pe=cfg['pe'], **cfg['model_kwargs'])
+        model.load_state_dict(ckpt['model'])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # written by another version of train.py / mpvg.py
+        raise train.UserError(f'{path}: its model cannot be rebuilt by this mpvg.py ({type(e).__name__}: '
+                              f'{(str(e).splitlines() or [""])[0][:200]}).') from None
+    return model.eval(), ckpt, path
 
 
 def validation_batch(cfg, images, device):
@@ -462,13 +466,13 @@ def correlation_report(args):
     device = torch.device(args.device)
     results = []
     for run in args.paths:
-        model, ckpt = load_run_model(run, args.checkpoint)
+        model, ckpt, path = load_run_model(run, args.checkpoint)
         cfg = dict(ckpt['config'], world_size=1, per_process_batch_size=min(args.images, 256), workers=0)
         if args.data_path:
             cfg['data_path'] = args.data_path
         x = validation_batch(cfg, args.images, device)
         parts = mpvg.pe_token_correlation_parts(model.to(device), x)
-        results.append(dict(run=run, checkpoint=args.checkpoint, epoch=ckpt['epoch'] - 1, model=cfg['model'],
+        results.append(dict(run=run, checkpoint=path, epoch=ckpt['epoch'] - 1, model=cfg['model'],
                             data=cfg['data'], variant=variant_name(cfg), seed=cfg['seed'], images=len(x),
                             corr=[None if p is None else p['corr'] for p in parts], parts=parts))
         shown = ' '.join('-' if p is None else f'{p["corr"]:+.2f}' for p in parts)

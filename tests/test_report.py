@@ -206,7 +206,7 @@ def test_correlation_of_a_trained_run_on_its_own_validation_images(sweep, tmp_pa
     assert res['variant'] == 'mpvg' and res['images'] == 8 and res['corr'][0] is None  # PVG/MPVG: none in layer 0
     ck = torch.load(run / 'best.pt', weights_only=True)
     cfg = ck['config']
-    assert res['epoch'] == ck['best_epoch']
+    assert res['epoch'] == ck['best_epoch'] and res['checkpoint'] == str(run / 'best.pt')
     model = mpvg.create_model(cfg['model'], pe=cfg['pe'], **cfg['model_kwargs'])
     model.load_state_dict(ck['model'])
     images = train.load_data(cfg, 0)[1].tensors[0][[0, 4, 8, 12, 16, 20, 24, 28]].float()  # 32 images, every 4th
