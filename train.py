@@ -90,7 +90,8 @@ CHANGEABLE = ('epochs', 'cooldown_epochs', 'global_batch_size', 'lr', 'min_lr', 
               'weight_decay', 'smoothing', 'mixup', 'cutmix', 'reprob', 'hflip', 'randaug', 'random_crop',
               'rrc_scale', 'repeated_aug', 'eval_crop_pct', 'seed')
 EPOCH_BOUNDARY_ONLY = ('global_batch_size', 'repeated_aug', 'seed')  # they change how an epoch is cut into steps
-RUN_FILES = ('config.json', 'log.jsonl', 'last.pt', 'best.pt')
+RUN_FILES = ('config.json', 'log.jsonl', 'last.pt', 'best.pt', 'summary.json')
+TORN_FILE = '(' + '|'.join(map(re.escape, RUN_FILES)) + r')\.tmp\d+'  # atomic_write's temporary file, left by a kill
 CPUS = os.cpu_count() or 1
 
 
@@ -648,7 +649,7 @@ def claim_run_folder(cfg, args, resume, rank, device):
                 raise UserError(f'--output-dir {out} already holds a run ({", ".join(present)}). Continue it with '
                                 f'--resume auto, replace it with --overwrite, or pick another --output-dir.')
             for f in os.listdir(out):  # another run's files (replaced on purpose), or a write a kill interrupted
-                if f in present and not ours or re.fullmatch(r'(config\.json|log\.jsonl|last\.pt|best\.pt)\.tmp\d+', f):
+                if f in present and not ours or re.fullmatch(TORN_FILE, f):
                     os.remove(os.path.join(out, f))
     except UserError as e:
         if fd is not None:
@@ -698,19 +699,45 @@ def check_resume(saved, cfg, ckpt, args, path):
                         f'repeated). Finish the epoch with the checkpoint\'s values and process count first.')
 
 
+def best_pt_is_current(out, ckpt):
+    """Does <out>/best.pt hold the checkpoint's best epoch? (mmap: its weights are not read)"""
+    try:
+        best = torch.load(os.path.join(out, 'best.pt'), weights_only=True, mmap=True)
+        return best['best_epoch'] == ckpt['best_epoch']
+    except Exception:  # missing or half-written
+        return ckpt['best_epoch'] < 0
+
+
+def log_bytes(ckpt):
+    return ''.join(json.dumps(ln) + '\n' for ln in ckpt['log']).encode()
+
+
 def reconcile_record(out, ckpt):
     """After a kill: log.jsonl from last.pt's log lines; best.pt from last.pt when it missed the last epoch."""
-    atomic_write(os.path.join(out, 'log.jsonl'), ''.join(json.dumps(ln) + '\n' for ln in ckpt['log']).encode())
-    try:
-        ok = torch.load(os.path.join(out, 'best.pt'), weights_only=True, mmap=True)['best_epoch'] == ckpt['best_epoch']
-    except Exception:  # missing or half-written
-        ok = ckpt['best_epoch'] < 0
+    atomic_write(os.path.join(out, 'log.jsonl'), log_bytes(ckpt))
+    ok = best_pt_is_current(out, ckpt)
     if not ok and ckpt['epoch'] == ckpt['best_epoch'] + 1 and ckpt['step'] == 0:  # the best is the last epoch
         with open(os.path.join(out, 'last.pt'), 'rb') as f:
             atomic_write(os.path.join(out, 'best.pt'), f.read())
     elif not ok:
         print(f'warning: {out}/best.pt does not hold the best epoch {ckpt["best_epoch"]} (cannot rebuild it)',
               file=sys.stderr)
+
+
+def summary_json(cfg, log, best_epoch):
+    """summary.json, a finished run's result in one file (written after its last epoch). A pure function of the last
+    checkpoint (config, log lines, best epoch), so a run killed before writing it gets the same file on --resume auto.
+    best_top1 is what the paper reports: the best epoch of the raw model. time_s sums the epochs' epoch_time_s
+    (training + evaluation; start-up and checkpoint writes excluded); device_hours is time_s x processes / 3600 (the
+    process count of the last session); img_per_s is the median over the epochs of the training throughput."""
+    best, last, prov = log[best_epoch], log[-1], cfg.get('provenance') or {}
+    time_s, speeds = sum(ln['epoch_time_s'] for ln in log), sorted(ln['img_per_s'] for ln in log)
+    summary = dict(model=cfg['model'], pe=cfg['pe'], data=cfg['data'], seed=cfg['seed'], epochs=len(log),
+                   best_top1=best['val_top1'], best_top5=best['val_top5'], best_epoch=best_epoch,
+                   final_top1=last['val_top1'], final_top5=last['val_top5'], time_s=round(time_s, 1),
+                   device_hours=round(time_s * cfg['world_size'] / 3600, 4), img_per_s=speeds[len(speeds) // 2],
+                   world_size=cfg['world_size'], devices=prov.get('devices'), git_commit=prov.get('git_commit'))
+    return (json.dumps(summary, indent=2) + '\n').encode()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -812,6 +839,8 @@ def train(cfg, raw_model, model, optimizer, loaders, aug, sampler, state, device
         state['log'].append(line)
         if rank == 0:
             write_record(out, checkpoint(epoch + 1, 0, None), improved, line)
+            if epoch + 1 == cfg['total_epochs']:  # the run is complete: its result in one file
+                atomic_write(os.path.join(out, 'summary.json'), summary_json(cfg, state['log'], state['best_epoch']))
         stop, _ = sync_status(first_bad, device, world)
         if stop and epoch + 1 < cfg['total_epochs']:
             barrier()
@@ -828,14 +857,60 @@ def resolve_run(argv, world):
     if args.eval_only:
         return (args,) + eval_config(args, world)
     cfg = resolve_config(args, world)
-    check_paths(cfg, args)
     resume = os.path.join(cfg['output_dir'], 'last.pt') if args.resume == 'auto' else args.resume
     if args.resume == 'auto' and not os.path.exists(resume):
         resume = None  # nothing to resume yet: a new run
     ckpt = load_checkpoint(resume) if resume else None
     if ckpt is not None:
         check_resume(ckpt['config'], cfg, ckpt, args, resume)
+    if not finished(args, cfg, resume, ckpt):  # a finished run needs no data: its data may be gone by now
+        check_paths(cfg, args)
     return args, cfg, resume, ckpt
+
+
+def finished(args, cfg, resume, ckpt):
+    """The run folder's own last.pt has trained every epoch this command asks for, at an epoch boundary. More epochs
+    (--epochs 400 --allow-change epochs) is not finished: the run trains on."""
+    ours = resume is not None and os.path.abspath(os.path.dirname(resume)) == os.path.abspath(cfg['output_dir'])
+    return (ckpt is not None and ours and not (args.overwrite or args.eval_only) and ckpt['step'] == 0
+            and ckpt['epoch'] >= cfg['total_epochs'])
+
+
+def close_finished_run(cfg, args, resume, ckpt):
+    """A finished run (a sweep run again): one line, and no file written or data loaded, unless a kill left its
+    record behind last.pt (log.jsonl or best.pt short of the last epoch, no summary.json, a temporary file): then
+    that alone is repaired, as a resume would, under the run folder's lock."""
+    out, log, best = cfg['output_dir'], ckpt['log'], ckpt['best_epoch']
+    summary = summary_json(ckpt['config'], log, best)
+
+    def holds(name, data=None):  # the file is there, readable, and (if given) these bytes
+        try:
+            with open(os.path.join(out, name), 'rb') as f:
+                return json.loads(f.read()) is not None if data is None else f.read() == data
+        except (OSError, ValueError):
+            return False
+    whole = {'config.json': holds('config.json'), 'log.jsonl': holds('log.jsonl', log_bytes(ckpt)),
+             'best.pt': best_pt_is_current(out, ckpt), 'summary.json': holds('summary.json', summary),
+             'temporary files': not [f for f in os.listdir(out) if re.fullmatch(TORN_FILE, f)]}
+    repair = [name for name, ok in whole.items() if not ok]
+    if repair:
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise UserError(f'--output-dir {out}: the finished run there needs {", ".join(repair)} repaired (a kill '
+                            f'left its record behind last.pt), but the folder is not writable.')
+        lock = claim_run_folder(cfg, args, resume, 0, torch.device('cpu'))  # removes the temporary files
+        try:
+            if 'config.json' in repair:
+                atomic_write(os.path.join(out, 'config.json'), (json.dumps(ckpt['config'], indent=2) + '\n').encode())
+            if 'log.jsonl' in repair or 'best.pt' in repair:
+                reconcile_record(out, ckpt)
+            if 'summary.json' in repair:
+                atomic_write(os.path.join(out, 'summary.json'), summary)
+        finally:
+            os.close(lock)
+        print(f'{out}: repaired {", ".join(repair)} (a kill had left the record behind last.pt)', file=sys.stderr)
+    more = f' (this command asks for {cfg["total_epochs"]})' if ckpt['epoch'] > cfg['total_epochs'] else ''
+    print(f'{out}: finished ({ckpt["epoch"]} epochs{more}, best top-1 {log[best]["val_top1"]:.2f} at epoch {best}), '
+          f'nothing to do', flush=True)
 
 
 def eval_config(args, world):
@@ -857,6 +932,10 @@ def eval_config(args, world):
 def run(argv):
     rank, world, local_rank = dist_env()
     args, cfg, resume, ckpt = resolve_run(argv, world)  # every input checked before any work
+    if finished(args, cfg, resume, ckpt):
+        if rank == 0:
+            close_finished_run(cfg, args, resume, ckpt)
+        return
     if world > 1:
         dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
     device = torch.device('cuda', local_rank) if torch.cuda.is_available() else torch.device('cpu')
@@ -905,6 +984,8 @@ def run(argv):
             signal.signal(s, _on_signal)
         if rank == 0:
             print(json.dumps(dict(config=cfg)), flush=True)
+            with contextlib.suppress(FileNotFoundError):  # a finished run training on (more epochs): no result yet
+                os.remove(os.path.join(out, 'summary.json'))
             atomic_write(os.path.join(out, 'config.json'), (json.dumps(cfg, indent=2) + '\n').encode())
             if ckpt is not None and os.path.abspath(os.path.dirname(resume)) == os.path.abspath(out):
                 reconcile_record(out, ckpt)

@@ -184,14 +184,18 @@ def killed_at(argv, k):
 
 
 def record(out, summary):
-    """What the run's record says: weights, log lines (timings left out), best.pt's epoch and weights, summary."""
+    """What the run's record says: weights, log lines (timings left out), best.pt's epoch and weights, summary
+    (the printed line, if any) and summary.json (timings left out)."""
     best = torch.load(out / 'best.pt', weights_only=True)
+    summary_file = {k: v for k, v in json.load(open(out / 'summary.json')).items()
+                    if k not in ('time_s', 'device_hours', 'img_per_s')}
     return dict(weights=weights(out / 'last.pt'), log=log_lines(out), best_epoch=best['best_epoch'],
-                best_weights=best['model'], summary=summary)
+                best_weights=best['model'], summary=summary, summary_file=summary_file)
 
 
 def same_record(a, b):
-    assert a['log'] == b['log'] and a['best_epoch'] == b['best_epoch'] and a['summary'] == b['summary']
+    assert a['log'] == b['log'] and a['best_epoch'] == b['best_epoch'] and a['summary_file'] == b['summary_file']
+    assert a['summary'] in ([], b['summary'])  # a run killed after its last checkpoint resumes to "finished"
     for k in ('weights', 'best_weights'):
         assert a[k].keys() == b[k].keys() and all(torch.equal(a[k][n], b[k][n]) for n in a[k]), k
 
@@ -203,9 +207,10 @@ def summary_line(out_text):
 
 def test_kill_9_anywhere_then_resume_gives_the_record_of_a_run_never_killed(tmp_path, capsys):
     """The reference run records every line its record-writing code executes. Then, for every distinct (line,
-    file) of those writes - in config.json, last.pt, best.pt and log.jsonl, first and last time each runs - a run
-    is SIGKILLed right there and resumed with --resume auto; a torn last log line is simulated too. Each resumed
-    record equals the reference: weights, log.jsonl, best.pt (epoch and weights), summary; no temporary file left."""
+    file) of those writes - in config.json, last.pt, best.pt, log.jsonl and summary.json, first and last time each
+    runs - a run is SIGKILLed right there and resumed with --resume auto (after the last checkpoint: the finished
+    path, which repairs what the kill left); a torn last log line is simulated too. Each resumed record equals the
+    reference: weights, log.jsonl, best.pt (epoch and weights), summary.json; no temporary file left."""
     ref = tmp_path / 'ref'
     events = []
     capsys.readouterr()
@@ -216,7 +221,7 @@ def test_kill_9_anywhere_then_resume_gives_the_record_of_a_run_never_killed(tmp_
     for k, key in enumerate(events, start=1):
         points.setdefault(key, []).append(k)
     kills = sorted({ks[0] for ks in points.values()} | {ks[-1] for ks in points.values()})
-    assert {f for _, _, f in events} >= {'config.json', 'last.pt', 'best.pt'} and len(kills) >= 25
+    assert {f for _, _, f in events} >= {'config.json', 'last.pt', 'best.pt', 'summary.json'} and len(kills) >= 25
     for k in kills:
         out = tmp_path / f'kill{k}'
         argv = RUN + ['--output-dir', out]
