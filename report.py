@@ -429,10 +429,7 @@ def eval_preprocess(cfg, x):
     """The run's own eval preprocessing of a uint8 batch (B, 3, H, W) -> normalized float (B, 3, S, S), exactly as
     train.py's evaluate(): the in-memory sets as they are (resized if the model's size differs), image folders
     already Resize + CenterCrop'ed by their loader, then the data set's mean / std."""
-    # the one call into train.py's augmentation code (Augment): re-point it here when that code moves
-    info = train.DATASETS[cfg['data']]
-    augment = train.Augment(cfg, info['mean'], info['std'], info['num_classes'], crop=False)
-    return augment.normalize(augment.geometry(x))
+    return train.make_augment(cfg, in_memory=cfg['data'] != 'imagenet').eval(x)
 
 
 def load_run_model(run, which):
