@@ -267,20 +267,22 @@ def crop_draws(heights, widths, scale, bicubic_p, seeds):
     return rrc_boxes(len(u), H, W, scale, u=u[:, :BOX_DRAWS]).int().tolist(), (u[:, -1] < bicubic_p).tolist()
 
 
+def pil_resized_crop(img, box, bicubic, size):
+    """torchvision's resized_crop on a PIL image, i.e. Pillow's crop + resize, the call timm makes -> PIL image."""
+    mode = InterpolationMode.BICUBIC if bicubic else InterpolationMode.BILINEAR
+    return TF.resized_crop(img, *box, [size, size], mode)
+
+
 def pil_random_resized_crops(images, size, scale, bicubic_p, seeds):
-    """timm's RandomResizedCropAndInterpolation on PIL images (what an image-folder worker does to a batch): the
-    boxes and interpolations of crop_draws, then torchvision's resized_crop on each PIL image, i.e. Pillow's crop +
-    resize - the call timm makes. -> [uint8 (3, size, size)]."""
+    """timm's RandomResizedCropAndInterpolation on PIL images: crop_draws, then pil_resized_crop -> PIL images. An
+    image-folder worker does the same, decoding each image just before its crop (train.py's FolderImages)."""
     boxes, bicubic = crop_draws([im.height for im in images], [im.width for im in images], scale, bicubic_p, seeds)
-    return [TF.pil_to_tensor(TF.resized_crop(im, *box, [size, size], InterpolationMode.BICUBIC if bic
-                                             else InterpolationMode.BILINEAR))
-            for im, box, bic in zip(images, boxes, bicubic)]
+    return [pil_resized_crop(im, box, bic, size) for im, box, bic in zip(images, boxes, bicubic)]
 
 
 def pil_center_crop(img, size, crop_pct):
     """DeiT's evaluation transform on a PIL image: Resize(int(size / crop_pct), bicubic) + CenterCrop(size)."""
-    img = TF.resize(img, int(size / crop_pct), InterpolationMode.BICUBIC)
-    return TF.pil_to_tensor(TF.center_crop(img, size))
+    return TF.center_crop(TF.resize(img, int(size / crop_pct), InterpolationMode.BICUBIC), size)
 
 
 def pillow_coefficients(length, n_out, bicubic):
@@ -618,6 +620,7 @@ class Augment:
     def __call__(self, x, y):
         """x uint8 (B, C, H, W) and labels y (B,) on the device (x is consumed: it may be changed in place) ->
         normalized float images (B, C, S, S), soft targets (B, num_classes)."""
+        x = x.contiguous()                                     # an image folder's batches come channels last
         B, _, H, W = x.shape
         c = self.constants(x.device, B, H, W)
         host, facts = self.draw(B, H, W)
@@ -642,6 +645,7 @@ class Augment:
 
     def eval(self, x):
         """Evaluation: uint8 (B, C, H, W) -> normalized float (B, C, S, S), resized (bicubic) when H, W != S."""
+        x = x.contiguous()
         B, _, H, W = x.shape
         c = self.constants(x.device, B, H, W)
         if (H, W) != (self.S, self.S):

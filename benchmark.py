@@ -293,7 +293,8 @@ def count_augmentation_steps(path: str, steps: int = 5, seed: int = 0) -> list[d
         loader = iter(train.make_loader(data, cfg, meta, sampler=sampler))
         batches = lambda: next(loader)
     else:
-        x_cpu, y_cpu = torch.zeros(B, 3, S, S, dtype=torch.uint8), torch.zeros(B, dtype=torch.long)
+        x_cpu = torch.zeros(B, S, S, 3, dtype=torch.uint8).permute(0, 3, 1, 2)       # as a worker stacks it
+        y_cpu = torch.zeros(B, dtype=torch.long)
         batches = lambda: (x_cpu.to(meta, non_blocking=True), y_cpu.to(meta, non_blocking=True))
     counts = []
     for step in range(steps + 1):
@@ -355,7 +356,7 @@ def worker_speed(root: str, cfg: dict, rounds: int) -> tuple[float, float | None
                 crop.get_params = lambda img, scale, ratio, it=iter(boxes): next(it)
             runs = (("ours", lambda: [ours.__getitems__(keys[k:k + batch]) for k in range(0, len(keys), batch)]),
                     ("timm", crop and (lambda: [crop(decode(p)) for p in paths])))
-            for who, run in runs:
+            for who, run in runs[::1 if r % 2 else -1]:                   # who goes first alternates
                 if run is None:
                     continue
                 t0 = time.perf_counter()
@@ -397,7 +398,7 @@ def data_pipeline(args, device: torch.device, amp_dtype) -> str:
             else:
                 argv += ["--data", "synthetic", "--synthetic-size", str(max(4096, 4 * B))]
             cfg = train.resolve_config(train.build_parser().parse_args(argv), 1)
-            train_set, _ = train.load_data(cfg, 0)
+            train_set, _ = train.load_data(cfg)
             in_memory = isinstance(train_set, torch.utils.data.TensorDataset)
             aug = train.make_augment(cfg, in_memory)
             sampler = train.EpochSampler(len(train_set), cfg, 0, 1)
@@ -443,8 +444,8 @@ def data_pipeline(args, device: torch.device, amp_dtype) -> str:
             data_s = timed(drain, data_steps, device)
             train_s = timed(lambda k: drain(k, step), steps, device)
             if not in_memory:
-                worker = worker_speed(os.path.join(tmp, "in", "train"), cfg, 1 if args.quick else 3)
-                del it, loader                                  # ends the workers
+                del it, loader                                  # ends the workers: they would share the CPUs
+                worker = worker_speed(os.path.join(tmp, "in", "train"), cfg, 1 if args.quick else 5)
             counts = count_augmentation_steps(path, steps=1 if args.quick else 5)
             per_epoch = n_full // 256 * 256 if cfg["repeated_aug"] else n_full // B * B
             rows.append((shape, name, B, aug_s / steps * 1e3, model_s / steps * 1e3, data_steps * B / data_s,
@@ -459,8 +460,10 @@ def data_pipeline(args, device: torch.device, amp_dtype) -> str:
         hours = images / train_ips / 3600
         when = ("- (--quick)" if args.quick else f"{hours * 60:.1f} min" if hours < 1 else
                 f"{hours:.1f} h" if hours < 48 else f"{hours / 24:.0f} days")
-        span = lambda k, f="{:.0f}": (f.format(min(c[k] for c in counts)) if len({c[k] for c in counts}) == 1 else
-                                      f.format(min(c[k] for c in counts)) + "-" + f.format(max(c[k] for c in counts)))
+        def span(k, f="{:.0f}"):                             # the range over the counted steps
+            lo, hi = (f.format(g(c[k] for c in counts)) for g in (min, max))
+            return lo if lo == hi else f"{lo}-{hi}"
+
         lines.append(f"| {shape} | {name} | {B} | {aug_ms:.1f} | {model_ms:.1f} | {data_ips:.0f} | {train_ips:.1f} "
                      f"| {when} | {span('kernels')} | {span('copies_to_device')} ({span('blocking_copies')}) "
                      f"| {span('device_reads')} | {span('gb', '{:.1f}')} ({span('gb_float64', '{:.1f}')}) |")
@@ -575,6 +578,9 @@ def make_table(configs: list[Config], args, device, header: str) -> tuple[str, d
                               "warmup": args.warmup, "results": raw}
 
 
+MAX_BATCH = 65536  # images per step: more would not fit any GPU's memory; a typo, not a benchmark
+
+
 def parse_args(argv=None):
     ## allow_abbrev=False: `--rep 3` is an error, not a silent `--repeats 3` (or, once a flag is added, another one)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
@@ -612,10 +618,13 @@ def parse_args(argv=None):
     ## Every value is checked here, before anything is built or timed, and as given: a default only fills in a
     ## flag that was left out, never an explicit 0.
     bad = []
-    for flag, lowest in (("steps", 1), ("repeats", 1), ("warmup", 0), ("threads", 1), ("workers", 0)):
+    cpus = os.cpu_count() or 1
+    for flag, lowest, highest in (("steps", 1, None), ("repeats", 1, None), ("warmup", 0, None), ("threads", 1, cpus),
+                                  ("workers", 0, cpus)):
         value = getattr(args, flag)
-        if value is not None and value < lowest:
-            bad.append(f"--{flag} {value}: must be an int >= {lowest}")
+        if value is not None and not lowest <= value <= (highest or value):
+            bad.append(f"--{flag} {value}: must be an int >= {lowest}" +
+                       (f" and <= {highest} (the CPUs of this machine)" if highest else ""))
     given_sizes = []                                   # (model or None for all, batch size), in command-line order
     for entry in args.batch_size:
         name, eq, b = entry.rpartition("=")
@@ -628,8 +637,9 @@ def parse_args(argv=None):
             size = int(b)
         except ValueError:
             size = None
-        if size is None or size < 1:
-            bad.append(f"--batch-size {entry}: batch size {b!r} is not an int >= 1; valid: B or MODEL=B, B >= 1")
+        if size is None or not 1 <= size <= MAX_BATCH:
+            bad.append(f"--batch-size {entry}: batch size {b!r} is not an int >= 1 and <= {MAX_BATCH}; valid: B or "
+                       f"MODEL=B, 1 <= B <= {MAX_BATCH}")
         else:
             given_sizes.append((name or None, size))
     if args.json is not None:
@@ -695,8 +705,10 @@ def main():
     if True in compiles:
         ## All variants share VisionTransformer.forward, and each variant x train/eval is its own graph: more than
         ## dynamo's default of 8 per function. Past the limit it would silently run eager; raise instead.
-        torch._dynamo.config.recompile_limit = 64
-        torch._dynamo.config.fail_on_recompile_limit_hit = True
+        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"  # < 2.7
+        setattr(torch._dynamo.config, limit, 64)
+        if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
+            torch._dynamo.config.fail_on_recompile_limit_hit = True
     configs = [Config(m, v, comp, args.batch_sizes[m]) for m in args.models for comp in compiles for v in variants]
 
     if args.mem:
@@ -719,10 +731,13 @@ def main():
             c.infer_s.append(timed(runners[c.key].infer, args.steps, device))
 
     table, raw = make_table(configs, args, device, hardware_line(device))
-    print(table)
+    print(table, flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(raw, f, indent=1)
+        try:
+            with open(args.json, "w") as f:
+                json.dump(raw, f, indent=1)
+        except OSError as e:  # checked writable at the start; a full disk shows only now
+            sys.exit(f"error: --json {args.json}: could not write the numbers ({e.strerror}); the table above has them")
 
 
 if __name__ == "__main__":

@@ -64,12 +64,13 @@ PAPER_FIG2 = {'model': 'deit_tiny', 'variant': 'lape pool=gap', 'layers': [1, 4,
 VARIANT_ORDER = ['vit', 'gap', 'lape', 'lape pool=gap', 'pvg', 'mpvg']
 
 ## config.json keys that never group runs: who ran it where and how (not what was trained), and values derived
-## from others (total_epochs, lr_scaled, recipe, the resolved sizes). The model, data and PE knobs group through
+## from others (total_epochs, lr_base, recipe, the resolved sizes). The model, data and PE knobs group through
 ## their own columns; every other key (all recipe values, and any key a later train.py adds) groups.
 NOT_RECIPE = {'seed', 'output_dir', 'provenance', 'resume', 'overwrite', 'eval_only', 'workers', 'log_interval',
               'no_progress', 'data_path', 'download', 'world_size', 'per_process_batch_size', 'num_params',
               'steps_per_epoch', 'train_size', 'val_size', 'compile', 'img_size_resolved', 'total_epochs',
-              'no_aug', 'recipe', 'lr_scaled', 'model', 'pe', 'data', 'model_kwargs',
+              'no_aug', 'recipe', 'lr_scaled', 'lr_base', 'num_classes', 'run_id', 'provenance_history', 'model',
+              'pe', 'data', 'model_kwargs',
               *train.ARCH_FLAGS, *mpvg.PE_KNOBS}
 
 
@@ -452,7 +453,7 @@ def load_run_model(run, which):
 def validation_batch(cfg, images, device):
     """`images` validation images spread evenly over the run's own validation set (image folders are sorted by
     class), with its eval preprocessing: (B, 3, S, S)."""
-    _, val_set = train.load_data(cfg, 0)
+    _, val_set = train.load_data(cfg)
     n = len(val_set)
     indices = sorted({i * n // min(images, n) for i in range(min(images, n))})
     loader = train.make_loader(val_set, cfg, device, indices=indices)

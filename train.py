@@ -33,6 +33,7 @@ import pickle
 import platform
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -42,6 +43,8 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as nnF
+import numpy as np
+import PIL.Image
 import torchvision
 from tqdm import tqdm
 
@@ -85,7 +88,7 @@ CIFAR100_MD5 = 'eb9058c3a382ffc7106e4002c42a8d85'
 ARCH_FLAGS = {d: d + '_rate' if d in ('drop_path', 'attn_drop') else d for d in ('img_size', 'patch_size', 'embed_dim',
               'depth', 'num_heads', 'mlp_ratio', 'drop_path', 'attn_drop')}  # CLI dest -> create_model keyword
 ## What identifies a run (never changes on resume) and what a resume may change on purpose (--allow-change).
-IDENTITY = ('model', 'pe', 'model_kwargs', 'data', 'synthetic_size')
+IDENTITY = ('model', 'pe', 'model_kwargs', 'data', 'synthetic_size', 'classes')
 CHANGEABLE = ('epochs', 'cooldown_epochs', 'global_batch_size', 'lr', 'min_lr', 'warmup_epochs', 'warmup_lr',
               'weight_decay', 'smoothing', 'mixup', 'cutmix', 'reprob', 'hflip', 'randaug', 'random_crop',
               'rrc_scale', 'repeated_aug', 'eval_crop_pct', 'seed')
@@ -123,7 +126,8 @@ def build_parser():
                            'paper recipe of --model; every recipe value can be overridden.',
                epilog='--global-batch-size is the batch of one optimizer step summed over ALL processes. SIGTERM / '
                       'SIGINT: the current step finishes, last.pt is written and the run exits 0; --resume auto '
-                      'continues exactly. Smoke test: python train.py --data synthetic --epochs 2 --warmup-epochs 0',
+                      'continues exactly. Smoke test (offline, CPU): python train.py --data synthetic --epochs 2 '
+                      '--cooldown-epochs 0 --warmup-epochs 0',
                formatter_class=HelpFormatter, allow_abbrev=False)
     BOOL, knob = argparse.BooleanOptionalAction, 'override the preset: '
 
@@ -133,6 +137,8 @@ def build_parser():
     g = p.add_argument_group('model')
     g.add_argument('--model', default='vit_lite_7_4', choices=sorted(mpvg.MODELS))
     g.add_argument('--pe', default='mpvg', choices=sorted(mpvg.PE_PRESETS), help='PE variant preset')
+    g.add_argument('--num-classes', type=int, help='classifier outputs (default: the data\'s classes: cifar100 100, '
+                   'synthetic 10, an image folder its class folders)')
     g.add_argument('--pool', choices=['cls', 'gap'], help=knob + 'pooling')
     g.add_argument('--pe-at-input', action=BOOL, help=knob + 'add pos_0 to the tokens before layer 0')
     ## 'none' is a value of these two, so "not given" is their absence (SUPPRESS)
@@ -155,7 +161,8 @@ def build_parser():
     for key, typ, text in [
             ('epochs', int, 'cosine epochs'), ('cooldown_epochs', int, 'epochs at min lr after the cosine'),
             ('global_batch_size', int, 'images per optimizer step summed over all processes'),
-            ('lr', float, 'peak lr (deit: times global batch / 512)'), ('min_lr', float, ''),
+            ('lr', float, 'peak lr; deit scales it by global batch / 512, as DeiT\'s main.py (config.json holds '
+                          'lr_base and the lr used)'), ('min_lr', float, ''),
             ('warmup_epochs', int, ''), ('warmup_lr', float, ''), ('weight_decay', float, ''),
             ('smoothing', float, 'label smoothing'), ('mixup', float, 'MixUp alpha, 0 = off'),
             ('cutmix', float, 'CutMix alpha, 0 = off'), ('reprob', float, 'RandomErasing probability'),
@@ -184,18 +191,19 @@ def build_parser():
     return p
 
 
-lr_text = lambda c: f'--lr = {c["lr"]:g}' + (' by DeiT\'s rule 5e-4 x global batch / 512' if c['lr_scaled'] else '')
-
 ## Every flag's valid values, in one table, checked on the resolved config before any work: (config key,
 ## valid(value, cfg), what is valid). NaN fails every comparison; math.isfinite is there for unbounded ones (inf).
+## Only what cannot run is refused: a warm-up longer than the run, or an lr below --min-lr (DeiT's rule scales a
+## small batch's lr down), runs as timm's scheduler runs it.
 CHECKS = [
     ('epochs', lambda v, c: v >= 1, 'an int >= 1'),
     ('cooldown_epochs', lambda v, c: v >= 0, 'an int >= 0'),
-    ('warmup_epochs', lambda v, c: 0 <= v <= c['epochs'], lambda c: f'an int in [0, --epochs = {c["epochs"]}]'),
+    ('warmup_epochs', lambda v, c: v >= 0, 'an int >= 0'),
     ('global_batch_size', lambda v, c: v >= 1, 'an int >= 1'),
     ('lr', lambda v, c: math.isfinite(v) and v > 0, 'a finite number > 0'),
-    ('min_lr', lambda v, c: 0 <= v <= c['lr'], lambda c: f'a number in [0, {lr_text(c)}]'),
-    ('warmup_lr', lambda v, c: 0 <= v <= c['lr'], lambda c: f'a number in [0, {lr_text(c)}]'),
+    ('min_lr', lambda v, c: math.isfinite(v) and v >= 0, 'a finite number >= 0'),
+    ('warmup_lr', lambda v, c: math.isfinite(v) and v >= 0, 'a finite number >= 0'),
+    ('num_classes', lambda v, c: v is None or v >= 1, 'an int >= 1'),
     ('weight_decay', lambda v, c: math.isfinite(v) and v >= 0, 'a finite number >= 0'),
     ('smoothing', lambda v, c: 0 <= v < 1, 'a number in [0, 1)'),
     ('mixup', lambda v, c: math.isfinite(v) and v >= 0, 'an alpha >= 0 (0 = off)'),
@@ -219,11 +227,10 @@ def resolve_config(args, world_size):
     if args.no_aug:
         cfg.update(mixup=0.0, cutmix=0.0, reprob=0.0, hflip=0.0, randaug='none', random_crop=False)
     cfg['rrc_scale'] = list(cfg['rrc_scale'])
-    cfg['lr_scaled'] = args.lr is None and bool(recipe['lr_base_batch'])
-    if cfg['lr_scaled']:
-        cfg['lr'] = recipe['lr'] * cfg['global_batch_size'] / recipe['lr_base_batch']  # DeiT's linear scaling rule
-    bad = [f'{flag(k)} {show(cfg[k])} is invalid: must be {what(cfg) if callable(what) else what}'
-           for k, ok, what in CHECKS if not ok(cfg[k], cfg)]
+    cfg['lr_base'] = cfg['lr']
+    if recipe['lr_base_batch']:  # DeiT's main.py scales any --lr: lr = lr_base x global batch / 512
+        cfg['lr'] = cfg['lr_base'] * cfg['global_batch_size'] / recipe['lr_base_batch']
+    bad = [f'{flag(k)} {show(cfg[k])} is invalid: must be {what}' for k, ok, what in CHECKS if not ok(cfg[k], cfg)]
     try:
         augment.parse_randaug(cfg['randaug'])
     except ValueError as e:
@@ -238,7 +245,7 @@ def resolve_config(args, world_size):
                total_epochs=cfg['epochs'] + cfg['cooldown_epochs'])
     # what create_model needs besides (name, pe): the architecture and PE-knob overrides the user gave
     given = lambda k: k in cfg if k in ('layerwise_from', 'last_ln_pe') else cfg.get(k) is not None  # SUPPRESS'd
-    cfg['model_kwargs'] = kw = {'num_classes': DATASETS[cfg['data']]['num_classes'],
+    cfg['model_kwargs'] = kw = {'num_classes': cfg['num_classes'] or DATASETS[cfg['data']]['num_classes'],
                                 **{key: cfg[dest] for dest, key in ARCH_FLAGS.items() if cfg[dest] is not None},
                                 **{k: cfg[k] for k in mpvg.PE_KNOBS if given(k)}}
     try:
@@ -260,7 +267,11 @@ def check_paths(cfg, args):
                         f'downloaded automatically: get ILSVRC2012 from https://image-net.org.')
     if cfg['data'] == 'cifar100' and not cfg['download'] and not os.path.isdir(os.path.join(root, 'cifar-100-python')):
         raise UserError(f'CIFAR-100 not found at {root}/cifar-100-python and --no-download is set. Get it with: '
-                        f'mkdir -p {root} && curl -L {CIFAR100_URL} | tar xz -C {root}')
+                        f'mkdir -p {root} && curl -L {CIFAR100_URL} | tar xz -C {root}, or train offline on generated '
+                        f'data with --data synthetic.')
+    if os.path.islink(out) and not os.path.exists(out):
+        raise UserError(f'--output-dir {out} is a symlink to {os.readlink(out)}, which does not exist: create that '
+                        f'folder, remove the link, or pick another --output-dir.')
     parent = out
     while not os.path.exists(parent):
         parent = os.path.dirname(os.path.abspath(parent))
@@ -304,8 +315,64 @@ def derive_seed(*keys):
     return int.from_bytes(hashlib.blake2b(repr(keys).encode(), digest_size=8).digest(), 'little') >> 1
 
 
+class ImageFolder(torchvision.datasets.ImageFolder):
+    """torchvision's ImageFolder whose walk through the class folders stops at a symlink loop (one would list a class's
+    images once per turn until the path is too long) with an error naming it."""
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        for c in class_to_idx:
+            seen = set()
+            for folder, _, _ in os.walk(os.path.join(directory, c), followlinks=True):
+                key = (os.stat(folder).st_dev, os.stat(folder).st_ino)
+                if key in seen:
+                    raise UserError(f'{folder} leads back to a folder above it (a symlink loop): its images would be '
+                                    f'listed again and again. Remove the link.')
+                seen.add(key)
+        return torchvision.datasets.folder.make_dataset(directory, class_to_idx, extensions, is_valid_file,
+                                                        allow_empty)
+
+
+def folder_classes(root):
+    """The classes of an image folder: its train/ class folders, which val/ must match (a cheap listing)."""
+    try:
+        classes = [torchvision.datasets.folder.find_classes(os.path.join(root, s))[0] for s in ('train', 'val')]
+    except FileNotFoundError as e:
+        raise UserError(f'ImageNet at {root} not usable ({e}). Expected ImageNet-1K as ImageFolders '
+                        f'{root}/train/<class>/<image> and {root}/val/<class>/<image>.') from None
+    if classes[0] != classes[1]:
+        raise UserError(f'{root}/train has {len(classes[0])} class folders and {root}/val {len(classes[1])}, not the '
+                        f'same ones ({", ".join(sorted(set(classes[0]) ^ set(classes[1]))[:5])}...): they must match.')
+    return classes[0]
+
+
 def _keep_path(path):
     return path  # ImageFolder's loader: the workers open the file (a module-level function: workers can pickle it)
+
+
+def open_image(path):
+    """A PIL image of the file, its pixels not read yet (its size is); one paragraph naming the file if Pillow cannot
+    open it or it is a decompression bomb (more than 2 x Image.MAX_IMAGE_PIXELS pixels)."""
+    try:
+        return PIL.Image.open(path)
+    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as e:
+        raise UserError(f'cannot decode image {path} ({type(e).__name__}: {e}); replace or delete that file, then '
+                        f'rerun with --resume auto to continue from the last checkpoint') from None
+
+
+def rgb(img, path):
+    """The image's pixels as 8-bit RGB (decoded: the file may be closed). A 16-bit grayscale image (a PNG of mode
+    I;16) is scaled to 8 bits first: Pillow's convert('RGB') would clip it, nearly all white."""
+    try:
+        if img.mode == 'RGB':
+            img.load()                                         # convert('RGB') would only copy it
+            return img
+        if img.mode.startswith('I'):
+            img = img.convert('I').point(lambda v: v * (1 / 256)).convert('L')
+        return img.convert('RGB')
+    except (OSError, ValueError, SyntaxError) as e:  # truncated or malformed: found while decoding
+        raise UserError(f'cannot decode image {path} ({type(e).__name__}: {e}); replace or delete that file, then '
+                        f'rerun with --resume auto to continue from the last checkpoint') from None
 
 
 class FolderImages(torch.utils.data.Dataset):
@@ -315,7 +382,7 @@ class FolderImages(torch.utils.data.Dataset):
     CenterCrop(S), bicubic (DeiT)."""
 
     def __init__(self, root, cfg, train):
-        self.folder = torchvision.datasets.ImageFolder(root, loader=_keep_path)
+        self.folder = ImageFolder(root, loader=_keep_path)
         self.classes, self.train, self.size = self.folder.classes, train and cfg['random_crop'], cfg['img_size_resolved']
         self.scale, self.crop_pct = cfg['rrc_scale'], cfg['eval_crop_pct']
         self.bicubic_p = augment.BICUBIC_SHARE[cfg['interpolation']]
@@ -324,43 +391,78 @@ class FolderImages(torch.utils.data.Dataset):
         return len(self.folder.samples)
 
     def __getitem__(self, key):
-        return self.__getitems__([key])[0]
+        x, y = self.__getitems__([key])
+        return x[0], y[0]
 
     def __getitems__(self, keys):
-        images, labels = [], []
-        for index, _ in keys:
-            path, label = self.folder.samples[index]
-            try:
-                images.append(torchvision.datasets.folder.default_loader(path))   # PIL, RGB
-            except (OSError, ValueError, SyntaxError) as e:  # PIL: unidentified, truncated or malformed file
-                raise UserError(f'cannot decode image {path} ({type(e).__name__}: {e}); replace or delete that '
-                                f'file, then rerun with --resume auto to continue from the last checkpoint') from None
-            labels.append(label)
+        """A batch: uint8 (B, 3, S, S) (channels last in memory) and labels (B,). The boxes are drawn at once from
+        the images' sizes (read from their headers); each image is decoded just before its crop, while it is in the
+        cache, and the crops are copied once, into the batch."""
+        samples = [self.folder.samples[index] for index, _ in keys]
+        images = [open_image(path) for path, _ in samples]
         if self.train:
-            seeds = [seed for _, seed in keys]
-            x = augment.pil_random_resized_crops(images, self.size, self.scale, self.bicubic_p, seeds)
-        else:
-            x = [augment.pil_center_crop(img, self.size, self.crop_pct) for img in images]
-        return list(zip(x, labels))
+            boxes, bicubic = augment.crop_draws([im.height for im in images], [im.width for im in images],
+                                                self.scale, self.bicubic_p, [seed for _, seed in keys])
+        crops = []
+        for k, (path, _) in enumerate(samples):
+            img, images[k] = images[k], None  # dropped after its crop: the next image is decoded into warm memory
+            with img:
+                img = rgb(img, path)
+            crop = (augment.pil_resized_crop(img, boxes[k], bicubic[k], self.size) if self.train else
+                    augment.pil_center_crop(img, self.size, self.crop_pct))
+            crops.append(np.asarray(crop))                                            # (S, S, 3)
+        x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2)                   # (B, S, S, 3) -> (B, 3, S, S)
+        return x, torch.tensor([label for _, label in samples])
 
 
-def load_cifar100(root, local_rank):
+def fetch_cifar100(root, local_rank):
+    """CIFAR-100's python version under root, downloaded if missing: by local rank 0, extracted aside and moved in
+    whole, while the node's other processes wait for it to appear (before any collective, whose timeout a slow
+    download would exceed)."""
     folder = os.path.join(root, 'cifar-100-python')
-    files = [os.path.join(folder, s) for s in ('train', 'test')]
+    if os.path.isdir(folder):
+        return
+    if local_rank == 0:
+        tmp = os.path.join(root, f'.cifar-100-download-{os.getpid()}')
+        try:
+            torchvision.datasets.utils.download_and_extract_archive(CIFAR100_URL, tmp, md5=CIFAR100_MD5)
+            os.replace(os.path.join(tmp, 'cifar-100-python'), folder)
+        except Exception as e:  # offline, proxy, disk full...
+            raise UserError(f'CIFAR-100 is not at {folder} and the download failed ({type(e).__name__}: {e}). Get '
+                            f'it with: mkdir -p {root} && curl -L {CIFAR100_URL} | tar xz -C {root}, or train offline '
+                            f'on generated data with --data synthetic.') from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    deadline = time.time() + 3600
+    while not os.path.isdir(folder):
+        if time.time() > deadline:
+            raise UserError(f'waited an hour for local rank 0 to download CIFAR-100 into {folder}; see its message.')
+        time.sleep(1)
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """CIFAR-100's python files are pickles: unpickling runs whatever a file names. This one admits only what those
+    files hold (dicts, lists, bytes, ints and numpy arrays), so a crafted file is an error, not code run."""
+    ALLOWED = {('numpy', 'ndarray'), ('numpy', 'dtype'), ('numpy.core.multiarray', '_reconstruct'),
+               ('numpy._core.multiarray', '_reconstruct'), ('numpy.core.multiarray', 'scalar'),
+               ('numpy._core.multiarray', 'scalar'), ('numpy.core.numeric', '_frombuffer'),
+               ('numpy._core.numeric', '_frombuffer'), ('_codecs', 'encode')}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f'it names {module}.{name}, which a CIFAR-100 file does not hold')
+        return super().find_class(module, name)
+
+
+def load_cifar100(root):
+    folder = os.path.join(root, 'cifar-100-python')
     how = (f'Expected the official CIFAR-100 python version at {folder}/{{train,test,meta}}: mkdir -p {root} && '
            f'curl -L {CIFAR100_URL} | tar xz -C {root}, or point --data-path at the folder holding cifar-100-python/.')
-    if not all(os.path.isfile(f) for f in files):
-        if local_rank == 0:  # one download per node; the other processes wait at the barrier
-            try:
-                torchvision.datasets.utils.download_and_extract_archive(CIFAR100_URL, root, md5=CIFAR100_MD5)
-            except Exception as e:  # offline, proxy, disk full...
-                raise UserError(f'CIFAR-100 not found and the download failed ({type(e).__name__}: {e}). {how}')
-        barrier()
     out = []
-    for f in files:
+    for f in (os.path.join(folder, s) for s in ('train', 'test')):
         try:
             with open(f, 'rb') as fh:
-                d = pickle.load(fh, encoding='bytes')
+                d = CifarUnpickler(fh, encoding='bytes').load()
             images = torch.as_tensor(d[b'data'], dtype=torch.uint8).view(-1, 3, 32, 32)  # (n, 3072) -> (n, 3, 32, 32)
             labels = torch.as_tensor(d[b'fine_labels'], dtype=torch.long)
             if len(labels) != len(images) or not 0 <= labels.min() <= labels.max() < 100:
@@ -376,19 +478,16 @@ def load_imagenet(cfg):
     root = cfg['data_path']
     try:
         sets = [FolderImages(os.path.join(root, split), cfg, train=split == 'train') for split in ('train', 'val')]
-    except Exception as e:  # FileNotFoundError: a folder without images
+    except (FileNotFoundError, OSError) as e:  # a class folder without images, an unreadable folder
         raise UserError(f'ImageNet at {root} not usable ({type(e).__name__}: {e}). Expected ImageNet-1K as '
-                        f'ImageFolders {root}/train/<class>/<image> and {root}/val/<class>/<image>.')
-    if sets[0].classes != sets[1].classes or len(sets[0].classes) > 1000:
-        raise UserError(f'{root}/train has {len(sets[0].classes)} classes and {root}/val {len(sets[1].classes)}: they '
-                        f'must be the same class folders, at most ImageNet-1K\'s 1000.')
+                        f'ImageFolders {root}/train/<class>/<image> and {root}/val/<class>/<image>.') from None
     return sets
 
 
-def load_data(cfg, local_rank):
+def load_data(cfg):
     """(train, val): CIFAR-100 or generated images in memory (TensorDataset), or ImageNet image folders."""
     if cfg['data'] != 'synthetic':
-        return load_cifar100(cfg['data_path'], local_rank) if cfg['data'] == 'cifar100' else load_imagenet(cfg)
+        return load_cifar100(cfg['data_path']) if cfg['data'] == 'cifar100' else load_imagenet(cfg)
     ## 10 classes told apart only by WHERE a bright square is (a model without PE under GAP cannot learn it): 5 rows
     ## x 2 distances of the column from the centre; the square sits at one of the two mirror columns at random, so a
     ## horizontal flip keeps the label
@@ -488,7 +587,12 @@ def make_loader(data, cfg, device, sampler=None, indices=None):
     workers = cfg['workers'] if cfg['workers'] is not None else min(8, CPUS)
     return torch.utils.data.DataLoader(data, batch_size=b, sampler=sampler or [(i, 0) for i in indices],
                                        num_workers=workers, pin_memory=device.type == 'cuda',
-                                       persistent_workers=workers > 0, worker_init_fn=_worker_init)
+                                       persistent_workers=workers > 0, worker_init_fn=_worker_init,
+                                       collate_fn=_as_batch)
+
+
+def _as_batch(batch):
+    return batch  # FolderImages.__getitems__ returns the batch already (a module-level function: picklable)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -498,7 +602,7 @@ def make_augment(cfg, in_memory):
     """The recipe's augmentation for this run's data: in-memory sets are cropped on the device, image folders in
     their DataLoader workers (FolderImages)."""
     info = DATASETS[cfg['data']]
-    return augment.Augment(cfg['img_size_resolved'], info['mean'], info['std'], info['num_classes'],
+    return augment.Augment(cfg['img_size_resolved'], info['mean'], info['std'], cfg['model_kwargs']['num_classes'],
                            crop=in_memory and cfg['random_crop'], crop_scale=cfg['rrc_scale'],
                            interpolation=cfg['interpolation'], hflip=cfg['hflip'], randaug=cfg['randaug'],
                            mixup=cfg['mixup'], cutmix=cfg['cutmix'], smoothing=cfg['smoothing'], reprob=cfg['reprob'],
@@ -615,20 +719,50 @@ def atomic_write(path, data):
     return data
 
 
-def write_record(out, ckpt, improved, line):
-    """An epoch's end on disk, in this order: last.pt (the commit point), best.pt if best, the log.jsonl line."""
+def write_record(out, ckpt, improved, line, replacing):
+    """An epoch's end on disk, in this order: last.pt (the commit point), best.pt if best, the log.jsonl line. The
+    first record of a run that replaces another (--overwrite) removes the old run's files after that commit point,
+    and writes config.json and log.jsonl afresh."""
     data = atomic_write(os.path.join(out, 'last.pt'), ckpt)
     if improved:
         atomic_write(os.path.join(out, 'best.pt'), data)
-    with open(os.path.join(out, 'log.jsonl'), 'a') as f:
-        f.write(json.dumps(line) + '\n')
+    if replacing:
+        retire_old_run(out, ckpt, keep_best=improved)
+        return print(json.dumps(line), flush=True)
+    try:
+        with open(os.path.join(out, 'log.jsonl'), 'a') as f:
+            f.write(json.dumps(line) + '\n')
+    except OSError as e:  # disk full, or the file replaced by a folder
+        raise UserError(f'could not append epoch {line["epoch"]} to {out}/log.jsonl ({e.strerror}); last.pt is '
+                        f'written and holds every log line: fix or make room, then --resume auto rewrites '
+                        f'log.jsonl from it.') from None
     print(json.dumps(line), flush=True)
+
+
+def retire_old_run(out, ckpt, keep_best):
+    """After a replacing run's first checkpoint: the old run's best.pt and summary.json go, config.json and
+    log.jsonl become this run's. A kill in between is mended by --resume auto (reconcile_record)."""
+    for name in (('summary.json',) if keep_best else ('summary.json', 'best.pt')):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out, name))
+    atomic_write(os.path.join(out, 'config.json'), (json.dumps(ckpt['config'], indent=2) + '\n').encode())
+    atomic_write(os.path.join(out, 'log.jsonl'), log_bytes(ckpt))
+
+
+def folder_state(out):
+    """(run files present in <out>, whether a run trained there: a checkpoint, or a line in log.jsonl)."""
+    present = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+    log = os.path.join(out, 'log.jsonl')
+    trained = bool({'last.pt', 'best.pt'} & set(present)) or ('log.jsonl' in present and os.path.getsize(log) > 0)
+    return present, trained
 
 
 def claim_run_folder(cfg, args, resume, rank, device):
     """Rank 0 flocks <out>/train.lock for the run's life (the kernel drops it when the process dies: a killed run's
-    lock does not block a resume), refuses to clobber another run and removes files a kill left half-written."""
-    fd, error, out = None, None, cfg['output_dir']
+    lock does not block a resume) and checks the folder: a run that trained there is continued (--resume), replaced
+    (--overwrite: its files stay until this run's first checkpoint) or refused; what a run that trained nothing
+    left (a config.json), and files a kill left half-written, are removed. -> (lock fd, replacing an old run)."""
+    fd, error, out, replacing = None, None, cfg['output_dir'], False
     try:
         if rank == 0:
             os.makedirs(out, exist_ok=True)
@@ -641,15 +775,18 @@ def claim_run_folder(cfg, args, resume, rank, device):
                                 f'use another --output-dir.') from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, f'pid {os.getpid()} on {socket.gethostname()} since {time.strftime("%F %T")}'.encode(), 0)
-            present = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+            present, trained = folder_state(out)
             ours = resume and os.path.abspath(os.path.dirname(resume)) == os.path.abspath(out)
-            ## --resume auto without a last.pt: a run killed before its first checkpoint left no weights, start afresh
-            nothing_lost = args.resume == 'auto' and not set(present) & {'last.pt', 'best.pt'}
-            if present and not (ours or args.overwrite or nothing_lost):
+            if trained and not ours and not args.overwrite:
+                if args.resume == 'auto':  # there is no last.pt, or this would be ours
+                    raise UserError(f'--resume auto: {out} holds a run ({", ".join(present)}) but no last.pt: its '
+                                    f'checkpoints are gone. Continue from best.pt with --resume {out}/best.pt, '
+                                    f'replace the run with --overwrite, or pick another --output-dir.')
                 raise UserError(f'--output-dir {out} already holds a run ({", ".join(present)}). Continue it with '
                                 f'--resume auto, replace it with --overwrite, or pick another --output-dir.')
-            for f in os.listdir(out):  # another run's files (replaced on purpose), or a write a kill interrupted
-                if f in present and not ours or re.fullmatch(TORN_FILE, f):
+            replacing = trained and not ours
+            for f in os.listdir(out):  # a run that trained nothing, or a write a kill interrupted
+                if f in present and not trained or re.fullmatch(TORN_FILE, f):
                     os.remove(os.path.join(out, f))
     except UserError as e:
         if fd is not None:
@@ -657,10 +794,24 @@ def claim_run_folder(cfg, args, resume, rank, device):
         fd, error = None, e
     if all_reduce(torch.tensor(int(error is not None), device=device), dist.ReduceOp.MAX).item():  # any rank failed
         raise error or UserError('rank 0 could not claim the run folder (see its message)')
-    return fd
+    return fd, replacing
+
+
+def release_run_folder(out, lock, made):
+    """A run that ends before its first checkpoint leaves nothing: its config.json and lock go, and the folder if
+    this run made it and it is empty."""
+    if not folder_state(out)[1]:
+        for name in ('config.json', 'train.lock'):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(out, name))
+        if made:
+            with contextlib.suppress(OSError):
+                os.rmdir(out)
+    os.close(lock)
 
 
 def load_checkpoint(path):
+    """A checkpoint of this train.py, every field checked: one paragraph naming what is wrong otherwise."""
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
         missing = {'model', 'optimizer', 'config', 'epoch', 'step', 'log', 'best_top1', 'best_epoch'} - set(ckpt)
@@ -671,6 +822,21 @@ def load_checkpoint(path):
         raise UserError(f'cannot read checkpoint {path} ({type(e).__name__}: {first}). It is not a complete '
                         f'checkpoint of this train.py (truncated, corrupt or another format); point --resume at '
                         f'another file (best.pt, or an older copy) or start a new run without --resume.') from None
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    epoch, step, log, best = ckpt['epoch'], ckpt['step'], ckpt['log'], ckpt['best_epoch']
+    cfg = ckpt['config'] if isinstance(ckpt['config'], dict) else {}
+    bad = [f'{k} {v!r}' for k, v, ok in [
+        ('config', type(ckpt['config']).__name__, isinstance(ckpt['config'], dict) and 'model' in cfg),
+        ('epoch', epoch, is_int(epoch) and epoch >= 0),
+        ('step', step, is_int(step) and 0 <= step < max(cfg.get('steps_per_epoch', 1), 1)),
+        ('log', type(log).__name__, isinstance(log, list) and all(isinstance(ln, dict) for ln in log)
+         and len(log) == epoch),
+        ('best_epoch', best, is_int(best) and -1 <= best < max(epoch, 0) and (best < 0 or best < len(log))),
+        ('best_top1', ckpt['best_top1'], isinstance(ckpt['best_top1'], (int, float)))] if not ok]
+    if bad:
+        raise UserError(f'checkpoint {path} is inconsistent ({"; ".join(bad)}): edited or damaged. Valid: epoch and '
+                        f'step ints >= 0, step below the epoch\'s steps, one log line per finished epoch, best_epoch '
+                        f'among them (or -1). Point --resume at another file (best.pt, or an older copy).')
     return ckpt
 
 
@@ -682,7 +848,9 @@ def check_resume(saved, cfg, ckpt, args, path):
                         f'change; valid: {", ".join(flag(k)[2:] for k in CHANGEABLE)}. The model, --pe, knob, '
                         f'architecture and --data flags identify a run and never change.')
     diff = lambda keys: [k for k in keys if saved.get(k) != cfg[k]]
-    says = lambda ks: '; '.join(f'{flag(k)}: checkpoint {show(saved.get(k))}, now {show(cfg[k])}' for k in ks)
+    brief = lambda k, v: f'{len(v)} folders' if k == 'classes' and v else show(v)  # an image folder's classes
+    name = lambda k: "the image folder's classes" if k == 'classes' else flag(k)
+    says = lambda ks: '; '.join(f'{name(k)}: checkpoint {brief(k, saved.get(k))}, now {brief(k, cfg[k])}' for k in ks)
     if diff(IDENTITY):
         raise UserError(f'refusing to resume {path}: it belongs to a different run ({says(diff(IDENTITY))}). Use '
                         f'the flags of the run that wrote it, or a new --output-dir without --resume.')
@@ -700,10 +868,11 @@ def check_resume(saved, cfg, ckpt, args, path):
 
 
 def best_pt_is_current(out, ckpt):
-    """Does <out>/best.pt hold the checkpoint's best epoch? (mmap: its weights are not read)"""
+    """Does <out>/best.pt hold the checkpoint's best epoch, of the same run? (mmap: its weights are not read)"""
     try:
-        best = torch.load(os.path.join(out, 'best.pt'), weights_only=True, mmap=True)
-        return best['best_epoch'] == ckpt['best_epoch']
+        best = torch.load(os.path.join(out, 'best.pt'), map_location='cpu', weights_only=True, mmap=True)
+        same_run = best['config'].get('run_id') == ckpt['config'].get('run_id')
+        return same_run and best['best_epoch'] == ckpt['best_epoch']
     except Exception:  # missing or half-written
         return ckpt['best_epoch'] < 0
 
@@ -821,6 +990,8 @@ def train(cfg, raw_model, model, optimizer, loaders, aug, sampler, state, device
                     ckpt = checkpoint(epoch, step + 1, all_reduce(loss_sum).cpu())
                     if rank == 0:
                         atomic_write(os.path.join(out, 'last.pt'), ckpt)
+                        if state.pop('replacing', False):
+                            retire_old_run(out, ckpt, keep_best=False)
                     barrier()
                     raise Stopped(f'at epoch {epoch}, step {step + 1}/{steps}', out)
         pbar.close()
@@ -838,7 +1009,7 @@ def train(cfg, raw_model, model, optimizer, loaders, aug, sampler, state, device
             state['best_top1'], state['best_epoch'] = top1, epoch
         state['log'].append(line)
         if rank == 0:
-            write_record(out, checkpoint(epoch + 1, 0, None), improved, line)
+            write_record(out, checkpoint(epoch + 1, 0, None), improved, line, state.pop('replacing', False))
             if epoch + 1 == cfg['total_epochs']:  # the run is complete: its result in one file
                 atomic_write(os.path.join(out, 'summary.json'), summary_json(cfg, state['log'], state['best_epoch']))
         stop, _ = sync_status(first_bad, device, world)
@@ -861,11 +1032,24 @@ def resolve_run(argv, world):
     if args.resume == 'auto' and not os.path.exists(resume):
         resume = None  # nothing to resume yet: a new run
     ckpt = load_checkpoint(resume) if resume else None
+    if finished(args, cfg, resume, ckpt):  # a finished run needs no data: its data may be gone by now
+        settle_classes(cfg, ckpt['config'].get('classes'))
+    else:
+        check_paths(cfg, args)
+        settle_classes(cfg, folder_classes(cfg['data_path']) if cfg['data'] == 'imagenet' else None)
     if ckpt is not None:
         check_resume(ckpt['config'], cfg, ckpt, args, resume)
-    if not finished(args, cfg, resume, ckpt):  # a finished run needs no data: its data may be gone by now
-        check_paths(cfg, args)
     return args, cfg, resume, ckpt
+
+
+def settle_classes(cfg, classes):
+    """An image folder's classes (its class folders) set the head unless --num-classes does, and are recorded: a
+    resume or an evaluation on a folder with other classes would shift every label, and is refused."""
+    n = len(classes) if classes is not None else DATASETS[cfg['data']]['num_classes']
+    if cfg['num_classes'] is not None and cfg['num_classes'] < n:
+        raise UserError(f'--num-classes {cfg["num_classes"]} is smaller than the {n} classes of --data {cfg["data"]}: '
+                        f'labels would fall outside the head; leave it out (it is set from the data) or raise it.')
+    cfg['classes'], cfg['model_kwargs']['num_classes'] = classes, cfg['num_classes'] or n
 
 
 def finished(args, cfg, resume, ckpt):
@@ -897,7 +1081,7 @@ def close_finished_run(cfg, args, resume, ckpt):
         if not os.access(out, os.W_OK | os.X_OK):
             raise UserError(f'--output-dir {out}: the finished run there needs {", ".join(repair)} repaired (a kill '
                             f'left its record behind last.pt), but the folder is not writable.')
-        lock = claim_run_folder(cfg, args, resume, 0, torch.device('cpu'))  # removes the temporary files
+        lock, _ = claim_run_folder(cfg, args, resume, 0, torch.device('cpu'))  # removes the temporary files
         try:
             if 'config.json' in repair:
                 atomic_write(os.path.join(out, 'config.json'), (json.dumps(ckpt['config'], indent=2) + '\n').encode())
@@ -924,9 +1108,30 @@ def eval_config(args, world):
         raise UserError(f'--eval-only evaluates {args.resume} with the settings it was trained with; '
                         f'{", ".join(map(flag, sorted(set(given) - set(free))))} cannot change them.')
     cfg = {**ckpt['config'], **{k: v for k, v in given.items() if k in free}}
+    bad = [f'{flag(k)} {show(cfg[k])} is invalid: must be {what}' for k, ok, what in CHECKS
+           if k in free and not ok(cfg[k], cfg)]
+    if bad:
+        raise UserError('; '.join(bad) + '.')
     cfg.update(world_size=world, per_process_batch_size=max(cfg['global_batch_size'] // world, 1))
     check_paths(cfg, args)
+    if cfg['data'] == 'imagenet' and folder_classes(cfg['data_path']) != cfg.get('classes'):
+        raise UserError(f'--eval-only: the image folder {cfg["data_path"]} has other classes than {args.resume} was '
+                        f'trained on: its labels would not be the model\'s. Point --data-path at the data it was '
+                        f'trained with.')
     return cfg, args.resume, ckpt
+
+
+def pick_device(local_rank, local_world):
+    """This process's device: GPU local_rank, or GPU 0 when each process sees one GPU (CUDA_VISIBLE_DEVICES set per
+    process, as SLURM does); the CPU without CUDA."""
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n == 0:
+        return torch.device('cpu')
+    if local_rank < n or n == 1:
+        return torch.device('cuda', local_rank if local_rank < n else 0)
+    raise UserError(f'this node runs {local_world} processes (LOCAL_RANK {local_rank}) but sees {n} GPUs '
+                    f'(CUDA_VISIBLE_DEVICES={os.environ.get("CUDA_VISIBLE_DEVICES", "unset")}): start at most {n} '
+                    f'processes per node (torchrun --nproc_per_node {n}), or give each process its own GPU.')
 
 
 def run(argv):
@@ -936,19 +1141,28 @@ def run(argv):
         if rank == 0:
             close_finished_run(cfg, args, resume, ckpt)
         return
-    if world > 1:
-        dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
-    device = torch.device('cuda', local_rank) if torch.cuda.is_available() else torch.device('cpu')
+    device = pick_device(local_rank, int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
+    if cfg['data'] == 'cifar100':  # before any collective: a slow download must not time the others out
+        fetch_cifar100(cfg['data_path'], local_rank)
     if device.type == 'cuda':
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 for the fp32 parts
+    if world > 1:
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
+                                device_id=device if device.type == 'cuda' else None)
     # deviation: bf16 autocast on CUDA (DeiT and CCT used fp16 autocast + GradScaler); CPU runs stay fp32
     autocast = (torch.autocast('cuda', dtype=torch.bfloat16) if cfg['amp'] and device.type == 'cuda'
                 else contextlib.nullcontext())
-    out, lock = cfg['output_dir'], None
+    out, lock, made, replacing = cfg['output_dir'], None, not os.path.exists(cfg['output_dir']), False
     try:
-        lock = None if args.eval_only else claim_run_folder(cfg, args, resume, rank, device)
+        if not args.eval_only:
+            lock, replacing = claim_run_folder(cfg, args, resume, rank, device)
+        ## what made this run: this session's code and command, after those of the sessions before it
         cfg['provenance'] = provenance(argv, world)
+        before = (ckpt or {}).get('config', {})
+        cfg['provenance_history'] = before.get('provenance_history', [before['provenance']] if before else [])
+        cfg['provenance_history'] = cfg['provenance_history'] + [cfg['provenance']]
+        cfg['run_id'] = before.get('run_id') or os.urandom(8).hex()  # tells this run's files from a replaced run's
         ## the model: same seed on all ranks, so every rank builds the same initial weights
         torch.manual_seed(cfg['seed'])
         raw_model = mpvg.create_model(cfg['model'], pe=cfg['pe'], **cfg['model_kwargs']).to(device)
@@ -964,9 +1178,10 @@ def run(argv):
                                 f'{(str(e).splitlines() or [""])[0][:300]}).')
             state.update({k: ckpt[k] for k in state})
             if rank == 0:
-                print(f'resumed {resume}: epoch {state["epoch"]}, step {state["step"]}', file=sys.stderr)
+                print(f'evaluating {resume} (trained {state["epoch"]} epochs)' if args.eval_only else
+                      f'resumed {resume}: epoch {state["epoch"]}, step {state["step"]}', file=sys.stderr)
         ## data
-        train_set, val_set = load_data(cfg, local_rank)
+        train_set, val_set = load_data(cfg)
         aug = make_augment(cfg, in_memory=isinstance(train_set, torch.utils.data.TensorDataset))
         sampler = EpochSampler(len(train_set), cfg, rank, world)
         loaders = dict(val=make_loader(val_set, cfg, device, indices=eval_indices(len(val_set), world, rank)))
@@ -977,31 +1192,35 @@ def run(argv):
                 print(json.dumps(dict(eval=resume, val_top1=round(top1, 4), val_top5=round(top5, 4), val_n=n)))
             return
         if sampler.steps == 0:
-            raise UserError(f'the training set ({len(train_set)} images; repeated augmentation: {cfg["repeated_aug"]}, '
-                            f'which keeps n // 256 * 256 / processes) has not one full global batch of '
-                            f'{cfg["global_batch_size"]}. Lower --global-batch-size (or --no-repeated-aug).')
+            how = (f'repeated augmentation keeps n // 256 * 256 images an epoch, none of {len(train_set)}: train '
+                   f'without it (--no-repeated-aug)' if cfg['repeated_aug'] else
+                   f'lower --global-batch-size to at most {len(train_set)}')
+            raise UserError(f'the training set ({len(train_set)} images) gives no step of {cfg["global_batch_size"]} '
+                            f'images an epoch: {how}.')
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, _on_signal)
         if rank == 0:
             print(json.dumps(dict(config=cfg)), flush=True)
-            with contextlib.suppress(FileNotFoundError):  # a finished run training on (more epochs): no result yet
-                os.remove(os.path.join(out, 'summary.json'))
-            atomic_write(os.path.join(out, 'config.json'), (json.dumps(cfg, indent=2) + '\n').encode())
+            if not replacing:  # a replaced run's files stay until this run's first checkpoint
+                with contextlib.suppress(FileNotFoundError):  # a finished run training on (more epochs)
+                    os.remove(os.path.join(out, 'summary.json'))
+                atomic_write(os.path.join(out, 'config.json'), (json.dumps(cfg, indent=2) + '\n').encode())
             if ckpt is not None and os.path.abspath(os.path.dirname(resume)) == os.path.abspath(out):
                 reconcile_record(out, ckpt)
         barrier()
         model = torch.compile(raw_model) if cfg['compile'] else raw_model
         if world > 1:
             model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[local_rank] if device.type == 'cuda' else None)
+                model, device_ids=[device.index] if device.type == 'cuda' else None)
         loaders['train'] = make_loader(train_set, cfg, device, sampler=sampler)
+        state['replacing'] = replacing
         state = train(cfg, raw_model, model, optimizer, loaders, aug, sampler, state, device, rank, world, autocast)
         if rank == 0:
             print(json.dumps(dict(summary=True, best_top1=round(state['best_top1'], 4), best_epoch=state['best_epoch'],
                                   epochs=cfg['total_epochs'], output_dir=out)), flush=True)
     finally:
         if lock is not None:
-            os.close(lock)
+            release_run_folder(out, lock, made)
 
 
 def main(argv=None):

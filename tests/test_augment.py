@@ -206,14 +206,15 @@ def test_worker_crop_is_timms_random_resized_crop():
     from torchvision.transforms import InterpolationMode, functional as TF
     images = [to_pil(natural_images(1, 200 + 40 * i, 300 - 30 * i, seed=2 + i)[0]) for i in range(4)]
     seeds = [11, 5, 7, 3]
-    ours = augment.pil_random_resized_crops(images, 96, (0.08, 1.0), 0.5, seeds)
+    ours = [from_pil(im) for im in augment.pil_random_resized_crops(images, 96, (0.08, 1.0), 0.5, seeds)]
     for img, seed, got in zip(images, seeds, ours):
         u = torch.rand(augment.BOX_DRAWS + 1, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
         top, left, h, w = augment.rrc_boxes(1, img.height, img.width, (0.08, 1.0), u=u[None, :-1])[0].int().tolist()
         mode = InterpolationMode.BICUBIC if u[-1] < 0.5 else InterpolationMode.BILINEAR
-        assert torch.equal(got, TF.pil_to_tensor(TF.resized_crop(img, top, left, h, w, [96, 96], mode)))
+        assert torch.equal(got, from_pil(TF.resized_crop(img, top, left, h, w, [96, 96], mode)))
     ## the batch does not change an image's crop: alone, with the same seed, it is the same
-    assert torch.equal(augment.pil_random_resized_crops(images[2:3], 96, (0.08, 1.0), 0.5, seeds[2:3])[0], ours[2])
+    assert torch.equal(from_pil(augment.pil_random_resized_crops(images[2:3], 96, (0.08, 1.0), 0.5, seeds[2:3])[0]),
+                       ours[2])
 
 
 @pytest.mark.parametrize('crop_pct', [0.875, 1.0])
@@ -222,9 +223,8 @@ def test_worker_eval_crop_is_deits(crop_pct, hw):
     """DeiT's / LaPE's eval transform, Resize(int(S / crop_pct), bicubic) + CenterCrop(S), on the PIL image."""
     from torchvision import transforms as T
     img, S = to_pil(natural_images(1, *hw, seed=3)[0]), 56
-    want = T.Compose([T.Resize(int(S / crop_pct), interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(S),
-                      T.PILToTensor()])(img)
-    assert torch.equal(augment.pil_center_crop(img, S, crop_pct), want)
+    want = T.Compose([T.Resize(int(S / crop_pct), interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(S)])(img)
+    assert torch.equal(from_pil(augment.pil_center_crop(img, S, crop_pct)), from_pil(want))
 
 
 def batched_crop(x, boxes, bicubic, size):
@@ -321,8 +321,9 @@ def our_stats(cfg, images, seeds, folder):
         torch.manual_seed(s)
         x = images
         if folder:  # what FolderImages does per image in a worker: timm's random resized crop, with Pillow
-            x = torch.stack(augment.pil_random_resized_crops([to_pil(img) for img in images], cfg['img_size_resolved'],
-                                                             cfg['rrc_scale'], 1.0, range(s * 1000, s * 1000 + len(images))))
+            x = torch.stack([from_pil(im).to(torch.uint8) for im in augment.pil_random_resized_crops(
+                [to_pil(img) for img in images], cfg['img_size_resolved'], cfg['rrc_scale'], 1.0,
+                range(s * 1000, s * 1000 + len(images)))])
         out.append(aug(x, torch.zeros(len(x), dtype=torch.long))[0])
     return stats(torch.cat(out))
 

@@ -67,6 +67,8 @@ BAD_FLAGS = {
     'steps negative':            (['--steps', '-3'], ['--steps -3', '>= 1']),
     'warmup negative':           (['--warmup', '-1'], ['--warmup -1', '>= 0']),
     'threads 0':                 (['--threads', '0'], ['--threads 0', '>= 1']),
+    'threads beyond the CPUs':   (['--threads', '100000'], ['--threads 100000', 'CPUs']),
+    'batch size absurd':         (['--batch-size', '1000000000'], ['--batch-size 1000000000', '65536']),
     'workers negative':          (['--workers', '-1'], ['--workers -1', '>= 0']),
     'steps not a number':        (['--steps', 'abc'], ['--steps', 'abc']),
     'batch size not a number':   (['--batch-size', 'deit_tiny=abc'], ['--batch-size deit_tiny=abc', "'abc'", '>= 1']),
@@ -149,3 +151,15 @@ def test_data_pipeline_quick_run_measures_both_dataset_shapes():
     rows = [ln for ln in out.stdout.splitlines() if ln.startswith('| CIFAR') or ln.startswith('| ImageNet')]
     assert [r.split('|')[2].strip() for r in rows] == ['vit_lite_7_4', 'deit_tiny'], out.stdout
     assert all(float(r.split('|')[4]) > 0 and float(r.split('|')[5]) > 0 for r in rows), out.stdout
+
+
+def test_a_json_file_that_fails_at_the_end_is_one_line_and_the_table_is_printed():
+    """/dev/full takes the open at the start and fails the write at the end (a full disk): one error line, exit 1,
+    after the table."""
+    if not os.path.exists('/dev/full'):
+        pytest.skip('no /dev/full on this system')
+    r = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmark.py'), '--device', 'cpu', '--quick', '--models',
+                        'vit_lite_7_4', '--pe', 'vit', '--no-timm', '--mem', 'off', '--json', '/dev/full'],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert r.returncode == 1 and 'Traceback' not in r.stderr and '| vit_lite_7_4 |' in r.stdout
+    assert r.stderr.strip().splitlines()[-1].startswith('error: --json /dev/full: could not write')

@@ -2,6 +2,7 @@
 with SIGKILL anywhere, inside every checkpoint and log write included, resumes to the record of a run never
 killed; a full disk ends in a message with the last checkpoint intact; a second run never clobbers the first."""
 import json
+import math
 import os
 import resource
 import signal
@@ -16,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train  # noqa: E402
-from test_train import SYN, TRAIN, assert_one_paragraph_error, env1, log_lines, run_main, weights  # noqa: E402
+from test_train import SYN, TINY, TRAIN, assert_one_paragraph_error, env1, log_lines, run_main, weights  # noqa: E402
 
 RUN = SYN + ['--synthetic-size', '64', '--global-batch-size', '32', '--epochs', '3', '--seed', '5',
              '--log-interval', '1']
@@ -41,9 +42,9 @@ def bad_cases(tmp):
         (['--cutmix', 'nan'], ['--cutmix nan']), (['--rrc-scale', '1', '0.5'], ['--rrc-scale 1.0 0.5']),
         (['--rrc-scale', '0', '1'], ['--rrc-scale 0.0 1.0']), (['--lr', 'nan'], ['--lr nan', 'finite']),
         (['--lr', '0'], ['--lr 0.0', '> 0']), (['--lr', 'inf'], ['--lr inf']), (['--min-lr', '-1'], ['--min-lr -1.0']),
-        (['--warmup-lr', '-1'], ['--warmup-lr -1.0']), (['--min-lr', '1'], ['--min-lr 1.0', '--lr = 0.0006']),
+        (['--warmup-lr', '-1'], ['--warmup-lr -1.0']), (['--min-lr', 'inf'], ['--min-lr inf', 'finite']),
         (['--epochs', '0'], ['--epochs 0', '>= 1']), (['--epochs', '-1'], ['--epochs -1']),
-        (['--cooldown-epochs', '-1'], ['--cooldown-epochs -1']), (['--warmup-epochs', '9'], ['--warmup-epochs 9']),
+        (['--cooldown-epochs', '-1'], ['--cooldown-epochs -1']), (['--warmup-epochs', '-1'], ['--warmup-epochs -1']),
         (['--global-batch-size', '0'], ['--global-batch-size 0', '>= 1']), (['--log-interval', '0'], ['--log-interval 0']),
         (['--workers', '-1'], ['--workers -1']), (['--workers', '100000'], ['--workers 100000', 'CPUs']),
         (['--eval-crop-pct', '0'], ['--eval-crop-pct 0.0', '(0, 1]']), (['--eval-crop-pct', '1.5'], ['--eval-crop-pct 1.5']),
@@ -251,3 +252,232 @@ def test_a_full_disk_ends_with_a_message_and_the_last_checkpoint_intact(tmp_path
     assert_one_paragraph_error(r.returncode, r.stderr, 'could not write', 'last.pt', 'File too large', 'intact',
                                '--resume auto')
     assert (out / 'last.pt').read_bytes() == before and not [f for f in os.listdir(out) if '.tmp' in f]
+
+
+# ------------------------------------------------------------------------------------------------ issue 17: the edges
+
+def test_a_warmup_longer_than_the_run_and_a_small_deit_lr_run(tmp_path):
+    """Only what cannot run is refused: the recipe's 10 warm-up epochs in a 1-epoch run, and DeiT's rule scaling a
+    batch of 8's lr (7.8e-6) below --min-lr 1e-5, run as timm's scheduler runs them."""
+    assert run_main(SYN + ['--synthetic-size', '64', '--global-batch-size', '32', '--epochs', '1', '--cooldown-epochs',
+                           '0', '--warmup-epochs', '10', '--output-dir', tmp_path / 'a']) == 0
+    cfg = train.resolve_config(train.build_parser().parse_args(['--model', 'deit_tiny', '--global-batch-size', '8']), 1)
+    lrs = [train.lr_at(e, cfg) for e in range(cfg['total_epochs'])]
+    assert cfg['lr'] < cfg['min_lr'] and all(map(math.isfinite, lrs)) and lrs[6] == pytest.approx(cfg['lr'], rel=1e-3)
+
+
+def image_folder(root, per_class, classes=('a', 'b')):
+    from PIL import Image
+    for split, n in (('train', per_class), ('val', 1)):
+        for c in classes:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.new('RGB', (24, 20), (40 * i % 255, 90, 30)).save(root / split / c / f'{i}.png')
+
+
+DEIT_TINY = TINY + ['--model', 'deit_tiny', '--img-size', '16', '--data', 'imagenet', '--min-lr', '1e-6']
+
+
+def test_a_small_folder_with_repeated_augmentation_says_what_helps(tmp_path, capsys):
+    """10 images and repeated augmentation (which keeps n // 256 * 256 an epoch): the message names
+    --no-repeated-aug, not a smaller batch (which cannot help); nothing is left behind, so the corrected command
+    runs in the same folder."""
+    image_folder(tmp_path / 'in', 5)
+    argv = DEIT_TINY + ['--data-path', tmp_path / 'in', '--global-batch-size', '2', '--epochs', '1',
+                        '--output-dir', tmp_path / 'out']
+    capsys.readouterr()
+    assert_one_paragraph_error(run_main(argv), capsys.readouterr().err, '--no-repeated-aug', '10 images')
+    assert not (tmp_path / 'out').exists()                                       # no lone train.lock
+    assert run_main(argv + ['--no-repeated-aug']) == 0
+
+
+def test_an_image_folders_classes_set_the_head_and_are_checked(tmp_path, capsys):
+    """3 class folders: a 3-way head (--num-classes only to override, never below 3), the class list in config.json;
+    resuming or evaluating on a folder with other classes is refused instead of shifting labels."""
+    image_folder(tmp_path / 'in', 4, classes=('cat', 'dog', 'owl'))
+    argv = DEIT_TINY + ['--no-repeated-aug', '--global-batch-size', '4', '--epochs', '1']
+    out = tmp_path / 'out'
+    assert run_main(argv + ['--data-path', tmp_path / 'in', '--output-dir', out]) == 0
+    cfg = json.load(open(out / 'config.json'))
+    assert cfg['classes'] == ['cat', 'dog', 'owl'] and cfg['model_kwargs']['num_classes'] == 3
+    image_folder(tmp_path / 'other', 4, classes=('cat', 'dog', 'yak'))
+    for extra, words in [(['--resume', 'auto', '--epochs', '2', '--allow-change', 'epochs', '--output-dir', out],
+                          ["the image folder's classes", '3 folders']),
+                         (['--eval-only', '--resume', out / 'best.pt'], ['other classes', str(tmp_path / 'other')])]:
+        capsys.readouterr()
+        code = run_main((argv if '--eval-only' not in extra else []) + extra + ['--data-path', tmp_path / 'other'])
+        assert_one_paragraph_error(code, capsys.readouterr().err, *words)
+    capsys.readouterr()
+    code = run_main(argv + ['--data-path', tmp_path / 'in', '--num-classes', '2', '--output-dir', tmp_path / 'o2'])
+    assert_one_paragraph_error(code, capsys.readouterr().err, '--num-classes 2', '3 classes')
+    assert run_main(argv + ['--data-path', tmp_path / 'in', '--num-classes', '5', '--output-dir', tmp_path / 'o3']) == 0
+    assert json.load(open(tmp_path / 'o3' / 'config.json'))['model_kwargs']['num_classes'] == 5
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(tmp_path, capsys):
+    """--overwrite whose run fails before its first checkpoint (its batch is larger than its data: no step) leaves the
+    old run exactly as it was; one that trains replaces it: its own config, log and best.pt, none of the old run's."""
+    out = tmp_path / 'run'
+    argv = RUN + ['--epochs', '1', '--output-dir', out]
+    assert run_main(argv) == 0
+    before = {f: (out / f).read_bytes() for f in train.RUN_FILES}
+    capsys.readouterr()
+    code = run_main(argv + ['--overwrite', '--global-batch-size', '128'])
+    assert_one_paragraph_error(code, capsys.readouterr().err, 'gives no step')
+    assert before == {f: (out / f).read_bytes() for f in train.RUN_FILES}
+    assert run_main(argv + ['--overwrite', '--seed', '7', '--epochs', '2']) == 0
+    assert json.load(open(out / 'config.json'))['seed'] == 7 and [ln['epoch'] for ln in log_lines(out)] == [0, 1]
+    best = torch.load(out / 'best.pt', weights_only=True)
+    assert best['config']['seed'] == 7 and json.load(open(out / 'summary.json'))['seed'] == 7
+
+
+def test_resume_auto_refuses_a_run_whose_checkpoints_are_gone(tmp_path, capsys):
+    out = tmp_path / 'run'
+    argv = RUN + ['--epochs', '1', '--output-dir', out]
+    assert run_main(argv) == 0
+    (out / 'last.pt').unlink()
+    (out / 'best.pt').unlink()
+    left = {f: (out / f).read_bytes() for f in ('config.json', 'log.jsonl')}
+    capsys.readouterr()
+    assert_one_paragraph_error(run_main(argv + ['--resume', 'auto']), capsys.readouterr().err, 'no last.pt',
+                               'log.jsonl', 'checkpoints are gone')
+    assert left == {f: (out / f).read_bytes() for f in left}
+
+
+def test_a_run_that_trained_nothing_lets_the_retry_in(tmp_path, capsys):
+    """A run killed before its first checkpoint left config.json and train.lock: the same command again (without
+    --resume or --overwrite) is not refused, nothing was trained."""
+    out = tmp_path / 'run'
+    out.mkdir()
+    (out / 'config.json').write_text('{}')
+    (out / 'train.lock').write_text('pid 1')
+    assert run_main(RUN + ['--epochs', '1', '--output-dir', out]) == 0 and len(log_lines(out)) == 1
+
+
+def test_a_failed_log_append_is_one_paragraph(tmp_path):
+    (tmp_path / 'log.jsonl').mkdir()                                              # the log replaced by a folder
+    ckpt = dict(epoch=1, log=[{'epoch': 0}])
+    with pytest.raises(train.UserError, match=r'could not append epoch 0 .* last.pt is written'):
+        train.write_record(str(tmp_path), ckpt, False, {'epoch': 0}, False)
+    assert (tmp_path / 'last.pt').exists()
+
+
+def test_the_commands_that_made_a_run_are_kept(tmp_path):
+    out = tmp_path / 'run'
+    argv = RUN + ['--output-dir', out]
+    assert run_main(argv + ['--epochs', '1']) == 0
+    assert run_main(argv + ['--epochs', '2', '--allow-change', 'epochs', '--resume', 'auto']) == 0
+    history = json.load(open(out / 'config.json'))['provenance_history']
+    assert len(history) == 2 and '--epochs 1' in history[0]['command'] and '--resume auto' in history[1]['command']
+    assert torch.load(out / 'last.pt', weights_only=True)['config']['provenance_history'] == history
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.mkdir, (os.path.join(os.environ['PAYLOAD_DIR'], 'ran'),))
+
+
+def test_a_crafted_cifar_file_runs_no_code(tmp_path, capsys, monkeypatch):
+    """A pickle that calls os.mkdir when loaded, in place of CIFAR-100's train file: refused, naming the call, and
+    the call never runs. The official files' contents (numpy arrays, any pickle protocol) still load."""
+    import pickle
+    from test_train import _write_cifar
+    _write_cifar(tmp_path / 'data')
+    monkeypatch.setenv('PAYLOAD_DIR', str(tmp_path))
+    with open(tmp_path / 'data' / 'cifar-100-python' / 'train', 'wb') as f:
+        pickle.dump({b'data': _Payload()}, f)
+    capsys.readouterr()
+    code = run_main(TINY + ['--data', 'cifar100', '--data-path', tmp_path / 'data', '--no-download',
+                            '--output-dir', tmp_path / 'o'])
+    assert_one_paragraph_error(code, capsys.readouterr().err, 'posix.mkdir', 'not a valid CIFAR-100')
+    assert not (tmp_path / 'ran').exists()
+    import io
+    import numpy as np
+    for protocol in (2, 4, 5):
+        data = pickle.dumps({b'data': np.zeros((2, 3072), np.uint8), b'fine_labels': [1, 2]}, protocol=protocol)
+        assert train.CifarUnpickler(io.BytesIO(data), encoding='bytes').load()[b'data'].shape == (2, 3072)
+
+
+def test_eval_only_goes_through_the_same_checks(tmp_path, capsys):
+    out = tmp_path / 'run'
+    assert run_main(RUN + ['--epochs', '1', '--output-dir', out]) == 0
+    for extra, words in [(['--workers', '100000'], ['--workers 100000', 'CPUs']), (['--workers', '-1'], ['--workers -1']),
+                         (['--global-batch-size', '0'], ['--global-batch-size 0', '>= 1'])]:
+        capsys.readouterr()
+        code = run_main(['--eval-only', '--resume', out / 'best.pt'] + extra)
+        assert_one_paragraph_error(code, capsys.readouterr().err, *words)
+
+
+def test_hostile_images_become_images_or_one_paragraph(tmp_path, monkeypatch):
+    """A 16-bit grayscale PNG is read scaled to 8 bits (not all white); a decompression bomb and a symlink loop in a
+    class folder end in one paragraph naming the file or folder."""
+    import numpy as np
+    from PIL import Image
+    image_folder(tmp_path / 'in', 2)
+    ramp = (np.arange(20 * 24).reshape(20, 24) * 137).astype(np.uint16)              # 0..65,623, as 16 bits
+    Image.fromarray(ramp).save(tmp_path / 'in' / 'train' / 'a' / '16bit.png')
+    cfg = train.resolve_config(train.build_parser().parse_args(DEIT_TINY + ['--data-path', str(tmp_path / 'in'),
+                                                                            '--no-random-crop']), 1)
+    images = train.FolderImages(str(tmp_path / 'in' / 'train'), dict(cfg, eval_crop_pct=1.0), train=True)
+    k = [p for p, _ in images.folder.samples].index(str(tmp_path / 'in' / 'train' / 'a' / '16bit.png'))
+    x, _ = images[(k, 0)]
+    assert x.float().std() > 20 and (x == 255).float().mean() < 0.1, x
+    monkeypatch.setattr(train.PIL.Image, 'MAX_IMAGE_PIXELS', 100)                  # 24 x 20 = 480 > 2 x 100
+    with pytest.raises(train.UserError, match=r'16bit.png .*DecompressionBombError'):
+        images[(k, 0)]
+    monkeypatch.undo()
+    (tmp_path / 'in' / 'train' / 'b' / 'loop').symlink_to(tmp_path / 'in' / 'train' / 'b')
+    with pytest.raises(train.UserError, match=r'train/b/loop leads back to a folder above it'):
+        train.FolderImages(str(tmp_path / 'in' / 'train'), cfg, train=True)
+
+
+@pytest.mark.parametrize('change', ['epoch', 'step', 'log'])
+def test_a_hand_edited_checkpoint_is_refused_by_name(tmp_path, capsys, change):
+    out = tmp_path / 'run'
+    assert run_main(RUN + ['--epochs', '1', '--output-dir', out]) == 0
+    ckpt = torch.load(out / 'last.pt', weights_only=True)
+    ckpt.update({'epoch': dict(epoch=-1), 'step': dict(step=10 ** 9), 'log': dict(log={'not': 'a list'})}[change])
+    torch.save(ckpt, out / 'edited.pt')
+    capsys.readouterr()
+    code = run_main(RUN + ['--epochs', '1', '--output-dir', tmp_path / 'new', '--resume', out / 'edited.pt'])
+    assert_one_paragraph_error(code, capsys.readouterr().err, 'edited.pt is inconsistent', change)
+
+
+def test_a_dangling_symlink_as_output_dir_is_one_paragraph(tmp_path, capsys):
+    (tmp_path / 'link').symlink_to(tmp_path / 'gone')
+    capsys.readouterr()
+    assert_one_paragraph_error(run_main(RUN + ['--output-dir', tmp_path / 'link']), capsys.readouterr().err,
+                               'is a symlink to', 'does not exist')
+
+
+def test_each_process_gets_a_gpu_it_can_see(monkeypatch):
+    """Local rank r on GPU r; one visible GPU per process (CUDA_VISIBLE_DEVICES set per process, as SLURM does) is
+    GPU 0; more processes than visible GPUs is one paragraph. (torch.cuda's answers are given, as a machine with
+    these GPUs would give them: the choice is what is tested.)"""
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    assert train.pick_device(1, 2) == torch.device('cuda', 1)
+    with pytest.raises(train.UserError, match=r'runs 4 processes .* sees 2 GPUs'):
+        train.pick_device(3, 4)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    assert train.pick_device(3, 4) == torch.device('cuda', 0)
+
+
+def test_other_local_ranks_wait_for_the_cifar_download(tmp_path):
+    """Local rank 1 waits (without a collective) until rank 0's download has moved the whole folder in."""
+    import threading
+    threading.Timer(1.0, lambda: (tmp_path / 'cifar-100-python').mkdir()).start()
+    t0 = time.time()
+    train.fetch_cifar100(str(tmp_path), local_rank=1)
+    assert 0.9 < time.time() - t0 < 30
+
+
+def test_image_folder_workers_start_with_forkserver(tmp_path):
+    """Python 3.14 starts DataLoader workers with forkserver, which pickles the dataset: it must pickle."""
+    image_folder(tmp_path / 'in', 2)
+    cfg = train.resolve_config(train.build_parser().parse_args(DEIT_TINY + ['--data-path', str(tmp_path / 'in')]), 1)
+    data = train.FolderImages(str(tmp_path / 'in' / 'train'), cfg, train=True)
+    loader = torch.utils.data.DataLoader(data, batch_size=2, sampler=[(0, 1), (1, 2)], num_workers=1,
+                                         multiprocessing_context='forkserver', collate_fn=train._as_batch)
+    (x, y), = list(loader)
+    assert x.shape == (2, 3, 16, 16) and y.tolist() == [0, 0]

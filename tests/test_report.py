@@ -209,7 +209,7 @@ def test_correlation_of_a_trained_run_on_its_own_validation_images(sweep, tmp_pa
     assert res['epoch'] == ck['best_epoch'] and res['checkpoint'] == str(run / 'best.pt')
     model = mpvg.create_model(cfg['model'], pe=cfg['pe'], **cfg['model_kwargs'])
     model.load_state_dict(ck['model'])
-    images = train.load_data(cfg, 0)[1].tensors[0][[0, 4, 8, 12, 16, 20, 24, 28]].float()  # 32 images, every 4th
+    images = train.load_data(cfg)[1].tensors[0][[0, 4, 8, 12, 16, 20, 24, 28]].float()  # 32 images, every 4th
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (train.DATASETS['synthetic']['mean'],
                                                              train.DATASETS['synthetic']['std']))
     want = mpvg.pe_token_correlation(model.eval(), (images / 255 - mean) / std)

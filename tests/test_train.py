@@ -96,7 +96,10 @@ def test_resolved_config_batch_and_lr():
     assert c['eval_crop_pct'] == 1.0 and not c['mix_first'] and c['lr_epoch_lag'] == 1  # LaPE's crop; DeiT's order
     c = cfg_for(['--model', 'deit_tiny', '--global-batch-size', '256'], world=4)
     assert c['lr'] == pytest.approx(2.5e-4) and c['per_process_batch_size'] == 64
-    assert cfg_for(['--model', 'deit_tiny', '--lr', '3e-4'])['lr'] == 3e-4
+    ## DeiT's main.py scales any --lr by the global batch / 512 (issue 17); both values are recorded
+    c = cfg_for(['--model', 'deit_tiny', '--lr', '3e-4', '--global-batch-size', '256'])
+    assert c['lr'] == pytest.approx(1.5e-4) and c['lr_base'] == 3e-4
+    assert cfg_for(['--lr', '3e-4'])['lr'] == 3e-4                         # ViT-Lite's recipe does not scale
     c = cfg_for([])
     assert (c['lr'], c['global_batch_size'], c['weight_decay'], c['data'], c['total_epochs']) == \
            (6e-4, 128, 0.06, 'cifar100', 310)
@@ -435,7 +438,7 @@ def test_non_finite_loss_names_step_and_checkpoint(tmp_path, capsys):
 def test_synthetic_images_hold_the_square_where_the_label_says():
     """--data synthetic: class = (row of 5, distance of the column from the centre, 2 mirror columns each)."""
     for size in (16, 32, 40):
-        images, labels = train.load_data(dict(data='synthetic', synthetic_size=200, img_size_resolved=size), 0)[0].tensors
+        images, labels = train.load_data(dict(data='synthetic', synthetic_size=200, img_size_resolved=size))[0].tensors
         ch, cw = size // 5, size // 4
         for img, label in zip(images, labels.tolist()):
             bright = (img[0] == 230).nonzero()
