@@ -11,9 +11,10 @@ the same thing to a whole uint8 batch that already sits on the training device:
     x, target = aug(images, labels)          # uint8 (B, 3, H, W) on the device -> float (B, 3, S, S), (B, classes)
     x = aug.eval(images)                     # evaluation: the image as is (resized if another size), normalized
 
-The ops, in timm's order: RandomResizedCrop (in-memory sets; an image folder is cropped per image in its workers by
-`pil_random_resized_crops`, which IS Pillow), horizontal flip, RandAugment `rand-m9-mstd0.5-inc1` (the 15 ops of
-timm's increasing set and its level mapping), then MixUp/CutMix, normalize and RandomErasing in the recipe's order.
+The ops, in timm's order: RandomResizedCrop (in-memory sets; an image folder is decoded and cropped per image in its
+DataLoader workers by `FolderCrops`, with Pillow itself), horizontal flip, RandAugment `rand-m9-mstd0.5-inc1` (the
+15 ops of timm's increasing set and its level mapping), then MixUp/CutMix, normalize and RandomErasing in the
+recipe's order.
 
 How it stays fast on a GPU:
 - every random draw of a step is made on the host (the CPU, torch's global generator) for the whole batch, and all
@@ -32,12 +33,13 @@ interpolation, at 32 and 224 pixels; where they may differ, the function says so
 
 Sections: host-to-device transfer; RandAugment's vocabulary and draws (host); boxes (host); resizing (Pillow in
 workers, matrices on batches); the three kinds of RandAugment ops (device); mixing, erasing, normalizing; Augment.
-`##` comments teach, `#` comments are functional. torch, torchvision and the standard library only.
+`##` comments teach, `#` comments are functional. torch, torchvision (with its Pillow) and the standard library only.
 """
 import contextlib
 import math
 import re
 
+import PIL.Image
 import torch
 import torch.nn.functional as nnF
 from torchvision.transforms import InterpolationMode
@@ -256,7 +258,7 @@ def erase_boxes(n, height, width, prob, gen=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# resizing: Pillow itself per image (image-folder workers), the same arithmetic as matrices on batches
+# resizing: Pillow itself per image (image-folder workers, FolderCrops), the same arithmetic as matrices on batches
 
 def crop_draws(heights, widths, scale, bicubic_p, seeds):
     """The random resized crops of images of these sizes, each drawn from its own seed (so an image's crop does not
@@ -275,7 +277,7 @@ def pil_resized_crop(img, box, bicubic, size):
 
 def pil_random_resized_crops(images, size, scale, bicubic_p, seeds):
     """timm's RandomResizedCropAndInterpolation on PIL images: crop_draws, then pil_resized_crop -> PIL images. An
-    image-folder worker does the same, decoding each image just before its crop (train.py's FolderImages)."""
+    image-folder worker does the same, decoding each image just before its crop (FolderCrops)."""
     boxes, bicubic = crop_draws([im.height for im in images], [im.width for im in images], scale, bicubic_p, seeds)
     return [pil_resized_crop(im, box, bic, size) for im, box, bic in zip(images, boxes, bicubic)]
 
@@ -283,6 +285,71 @@ def pil_random_resized_crops(images, size, scale, bicubic_p, seeds):
 def pil_center_crop(img, size, crop_pct):
     """DeiT's evaluation transform on a PIL image: Resize(int(size / crop_pct), bicubic) + CenterCrop(size)."""
     return TF.center_crop(TF.resize(img, int(size / crop_pct), InterpolationMode.BICUBIC), size)
+
+
+class ImageError(ValueError):
+    """An image file Pillow cannot decode (not an image, truncated, a decompression bomb): the message names it."""
+
+
+def open_image(path):
+    """A PIL image of the file, its pixels not read yet (its size is); ImageError if Pillow cannot open it or it is a
+    decompression bomb (more than 2 x PIL.Image.MAX_IMAGE_PIXELS pixels)."""
+    try:
+        return PIL.Image.open(path)
+    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as e:
+        raise ImageError(f'cannot decode image {path} ({type(e).__name__}: {e}); replace or delete that file') from None
+
+
+def rgb(img, path):
+    """The image's pixels as 8-bit RGB, decoded (the file may be closed). A 16-bit grayscale image (a PNG of mode
+    I;16) is scaled to 8 bits first: Pillow's convert('RGB') would clip it, nearly all white."""
+    try:
+        if img.mode == 'RGB':
+            img.load()                                         # convert('RGB') would only copy it
+            return img
+        if img.mode.startswith('I'):
+            img = img.convert('I').point(lambda v: v * (1 / 256)).convert('L')
+        return img.convert('RGB')
+    except (OSError, ValueError, SyntaxError) as e:            # truncated or malformed: found while decoding
+        raise ImageError(f'cannot decode image {path} ({type(e).__name__}: {e}); replace or delete that file') from None
+
+
+class FolderCrops(torch.utils.data.Dataset):
+    """Image files read as uint8 (3, S, S) in DataLoader workers, a batch at a time (__getitems__; its batch is
+    whole, so the loader's collate_fn must pass it through). samples: (path, label) pairs, as torchvision's
+    ImageFolder lists them; keys: (index, seed). random_crop: timm's RandomResizedCropAndInterpolation with Pillow,
+    the box and the interpolation drawn from the key's seed (crop_draws); otherwise DeiT's evaluation geometry,
+    Resize(int(S / crop_pct)) + CenterCrop(S), bicubic."""
+
+    def __init__(self, samples, size, random_crop, scale=(0.08, 1.0), interpolation='bicubic', crop_pct=0.875):
+        self.samples, self.size, self.random_crop = samples, size, random_crop
+        self.scale, self.bicubic_p, self.crop_pct = scale, BICUBIC_SHARE[interpolation], crop_pct
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, key):
+        x, y = self.__getitems__([key])
+        return x[0], y[0]
+
+    def __getitems__(self, keys):
+        """A batch: uint8 (B, 3, S, S) (channels last in memory) and labels (B,). The boxes are drawn at once from
+        the images' sizes (read from their headers); each image is decoded just before its crop, while it is in the
+        cache, and each crop is copied once, into the batch."""
+        samples, S = [self.samples[index] for index, _ in keys], self.size
+        images = [open_image(path) for path, _ in samples]
+        if self.random_crop:
+            boxes, bicubic = crop_draws([im.height for im in images], [im.width for im in images], self.scale,
+                                        self.bicubic_p, [seed for _, seed in keys])
+        x = torch.empty(len(keys), S, S, 3, dtype=torch.uint8)                     # PIL's layout: channels last
+        for k, (path, _) in enumerate(samples):
+            img, images[k] = images[k], None  # dropped after its crop: the next image is decoded into warm memory
+            with img:
+                img = rgb(img, path)
+            crop = (pil_resized_crop(img, boxes[k], bicubic[k], S) if self.random_crop else
+                    pil_center_crop(img, S, self.crop_pct))
+            x[k] = torch.frombuffer(bytearray(crop.tobytes()), dtype=torch.uint8).view(S, S, 3)
+        return x.permute(0, 3, 1, 2), torch.tensor([label for _, label in samples])
 
 
 def pillow_coefficients(length, n_out, bicubic):

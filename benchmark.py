@@ -333,8 +333,9 @@ def worker_speed(root: str, cfg: dict, rounds: int) -> tuple[float, float | None
     import augment
     import torchvision
     import train
-    ours = train.FolderImages(root, cfg, train=True)
-    paths = [p for p, _ in ours.folder.samples]
+    ours = augment.FolderCrops(train.list_images(root), cfg["img_size_resolved"], True, cfg["rrc_scale"],
+                               cfg["interpolation"])
+    paths = [p for p, _ in ours.samples]
     decode = torchvision.datasets.folder.default_loader
     sizes = [decode(p).size for p in paths]                                   # (width, height)
     try:

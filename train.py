@@ -43,8 +43,6 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as nnF
-import numpy as np
-import PIL.Image
 import torchvision
 from tqdm import tqdm
 
@@ -315,22 +313,19 @@ def derive_seed(*keys):
     return int.from_bytes(hashlib.blake2b(repr(keys).encode(), digest_size=8).digest(), 'little') >> 1
 
 
-class ImageFolder(torchvision.datasets.ImageFolder):
-    """torchvision's ImageFolder whose walk through the class folders stops at a symlink loop (one would list a class's
-    images once per turn until the path is too long) with an error naming it."""
-
-    @staticmethod
-    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
-        for c in class_to_idx:
-            seen = set()
-            for folder, _, _ in os.walk(os.path.join(directory, c), followlinks=True):
-                key = (os.stat(folder).st_dev, os.stat(folder).st_ino)
-                if key in seen:
-                    raise UserError(f'{folder} leads back to a folder above it (a symlink loop): its images would be '
-                                    f'listed again and again. Remove the link.')
-                seen.add(key)
-        return torchvision.datasets.folder.make_dataset(directory, class_to_idx, extensions, is_valid_file,
-                                                        allow_empty)
+def list_images(root):
+    """(path, class index) of every image under root/<class>/, as torchvision's ImageFolder lists them, except that a
+    symlink loop (which would list a class's images once per turn until the path is too long) is an error naming it."""
+    classes, class_to_idx = torchvision.datasets.folder.find_classes(root)
+    for c in classes:
+        seen = set()
+        for folder, _, _ in os.walk(os.path.join(root, c), followlinks=True):
+            key = (os.stat(folder).st_dev, os.stat(folder).st_ino)
+            if key in seen:
+                raise UserError(f'{folder} leads back to a folder above it (a symlink loop): its images would be '
+                                f'listed again and again. Remove the link.')
+            seen.add(key)
+    return torchvision.datasets.folder.make_dataset(root, class_to_idx, torchvision.datasets.folder.IMG_EXTENSIONS)
 
 
 def folder_classes(root):
@@ -344,75 +339,6 @@ def folder_classes(root):
         raise UserError(f'{root}/train has {len(classes[0])} class folders and {root}/val {len(classes[1])}, not the '
                         f'same ones ({", ".join(sorted(set(classes[0]) ^ set(classes[1]))[:5])}...): they must match.')
     return classes[0]
-
-
-def _keep_path(path):
-    return path  # ImageFolder's loader: the workers open the file (a module-level function: workers can pickle it)
-
-
-def open_image(path):
-    """A PIL image of the file, its pixels not read yet (its size is); one paragraph naming the file if Pillow cannot
-    open it or it is a decompression bomb (more than 2 x Image.MAX_IMAGE_PIXELS pixels)."""
-    try:
-        return PIL.Image.open(path)
-    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as e:
-        raise UserError(f'cannot decode image {path} ({type(e).__name__}: {e}); replace or delete that file, then '
-                        f'rerun with --resume auto to continue from the last checkpoint') from None
-
-
-def rgb(img, path):
-    """The image's pixels as 8-bit RGB (decoded: the file may be closed). A 16-bit grayscale image (a PNG of mode
-    I;16) is scaled to 8 bits first: Pillow's convert('RGB') would clip it, nearly all white."""
-    try:
-        if img.mode == 'RGB':
-            img.load()                                         # convert('RGB') would only copy it
-            return img
-        if img.mode.startswith('I'):
-            img = img.convert('I').point(lambda v: v * (1 / 256)).convert('L')
-        return img.convert('RGB')
-    except (OSError, ValueError, SyntaxError) as e:  # truncated or malformed: found while decoding
-        raise UserError(f'cannot decode image {path} ({type(e).__name__}: {e}); replace or delete that file, then '
-                        f'rerun with --resume auto to continue from the last checkpoint') from None
-
-
-class FolderImages(torch.utils.data.Dataset):
-    """An ImageFolder read as uint8 (3, S, S): what must happen per image, in the DataLoader workers, a batch at a
-    time (__getitems__). Keys are (index, seed). Train: decode, then timm's RandomResizedCrop with Pillow (box and
-    interpolation drawn from the key's seed); eval (and train with --no-random-crop): Resize(int(S / crop_pct)) +
-    CenterCrop(S), bicubic (DeiT)."""
-
-    def __init__(self, root, cfg, train):
-        self.folder = ImageFolder(root, loader=_keep_path)
-        self.classes, self.train, self.size = self.folder.classes, train and cfg['random_crop'], cfg['img_size_resolved']
-        self.scale, self.crop_pct = cfg['rrc_scale'], cfg['eval_crop_pct']
-        self.bicubic_p = augment.BICUBIC_SHARE[cfg['interpolation']]
-
-    def __len__(self):
-        return len(self.folder.samples)
-
-    def __getitem__(self, key):
-        x, y = self.__getitems__([key])
-        return x[0], y[0]
-
-    def __getitems__(self, keys):
-        """A batch: uint8 (B, 3, S, S) (channels last in memory) and labels (B,). The boxes are drawn at once from
-        the images' sizes (read from their headers); each image is decoded just before its crop, while it is in the
-        cache, and the crops are copied once, into the batch."""
-        samples = [self.folder.samples[index] for index, _ in keys]
-        images = [open_image(path) for path, _ in samples]
-        if self.train:
-            boxes, bicubic = augment.crop_draws([im.height for im in images], [im.width for im in images],
-                                                self.scale, self.bicubic_p, [seed for _, seed in keys])
-        crops = []
-        for k, (path, _) in enumerate(samples):
-            img, images[k] = images[k], None  # dropped after its crop: the next image is decoded into warm memory
-            with img:
-                img = rgb(img, path)
-            crop = (augment.pil_resized_crop(img, boxes[k], bicubic[k], self.size) if self.train else
-                    augment.pil_center_crop(img, self.size, self.crop_pct))
-            crops.append(np.asarray(crop))                                            # (S, S, 3)
-        x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2)                   # (B, S, S, 3) -> (B, 3, S, S)
-        return x, torch.tensor([label for _, label in samples])
 
 
 def fetch_cifar100(root, local_rank):
@@ -475,9 +401,14 @@ def load_cifar100(root):
 
 
 def load_imagenet(cfg):
-    root = cfg['data_path']
+    """ImageNet's train/ and val/ image folders, decoded and cropped in the DataLoader workers (augment.FolderCrops):
+    train with the recipe's random resized crop (unless --no-random-crop), val with the evaluation crop."""
+    root, sets = cfg['data_path'], []
     try:
-        sets = [FolderImages(os.path.join(root, split), cfg, train=split == 'train') for split in ('train', 'val')]
+        for split in ('train', 'val'):
+            sets.append(augment.FolderCrops(list_images(os.path.join(root, split)), cfg['img_size_resolved'],
+                                            split == 'train' and cfg['random_crop'], cfg['rrc_scale'],
+                                            cfg['interpolation'], cfg['eval_crop_pct']))
     except (FileNotFoundError, OSError) as e:  # a class folder without images, an unreadable folder
         raise UserError(f'ImageNet at {root} not usable ({type(e).__name__}: {e}). Expected ImageNet-1K as '
                         f'ImageFolders {root}/train/<class>/<image> and {root}/val/<class>/<image>.') from None
@@ -592,7 +523,7 @@ def make_loader(data, cfg, device, sampler=None, indices=None):
 
 
 def _as_batch(batch):
-    return batch  # FolderImages.__getitems__ returns the batch already (a module-level function: picklable)
+    return batch  # FolderCrops.__getitems__ returns the batch already (a module-level function: picklable)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -600,7 +531,7 @@ def _as_batch(batch):
 
 def make_augment(cfg, in_memory):
     """The recipe's augmentation for this run's data: in-memory sets are cropped on the device, image folders in
-    their DataLoader workers (FolderImages)."""
+    their DataLoader workers (augment.FolderCrops)."""
     info = DATASETS[cfg['data']]
     return augment.Augment(cfg['img_size_resolved'], info['mean'], info['std'], cfg['model_kwargs']['num_classes'],
                            crop=in_memory and cfg['random_crop'], crop_scale=cfg['rrc_scale'],
@@ -1010,8 +941,6 @@ def train(cfg, raw_model, model, optimizer, loaders, aug, sampler, state, device
         state['log'].append(line)
         if rank == 0:
             write_record(out, checkpoint(epoch + 1, 0, None), improved, line, state.pop('replacing', False))
-            if epoch + 1 == cfg['total_epochs']:  # the run is complete: its result in one file
-                atomic_write(os.path.join(out, 'summary.json'), summary_json(cfg, state['log'], state['best_epoch']))
         stop, _ = sync_status(first_bad, device, world)
         if stop and epoch + 1 < cfg['total_epochs']:
             barrier()
@@ -1053,48 +982,23 @@ def settle_classes(cfg, classes):
 
 
 def finished(args, cfg, resume, ckpt):
-    """The run folder's own last.pt has trained every epoch this command asks for, at an epoch boundary. More epochs
-    (--epochs 400 --allow-change epochs) is not finished: the run trains on."""
+    """The run folder's own last.pt has trained every epoch this command asks for, at an epoch boundary, and its
+    record is whole: summary.json, written last, is there, and log.jsonl holds every line. (Else a kill left the
+    record behind last.pt: the run resumes as any other, which completes it.) More epochs (--epochs 400
+    --allow-change epochs) is not finished: the run trains on."""
     ours = resume is not None and os.path.abspath(os.path.dirname(resume)) == os.path.abspath(cfg['output_dir'])
-    return (ckpt is not None and ours and not (args.overwrite or args.eval_only) and ckpt['step'] == 0
-            and ckpt['epoch'] >= cfg['total_epochs'])
-
-
-def close_finished_run(cfg, args, resume, ckpt):
-    """A finished run (a sweep run again): one line, and no file written or data loaded, unless a kill left its
-    record behind last.pt (log.jsonl or best.pt short of the last epoch, no summary.json, a temporary file): then
-    that alone is repaired, as a resume would, under the run folder's lock."""
-    out, log, best = cfg['output_dir'], ckpt['log'], ckpt['best_epoch']
-    summary = summary_json(ckpt['config'], log, best)
-
-    def holds(name, data=None):  # the file is there, readable, and (if given) these bytes
-        try:
-            with open(os.path.join(out, name), 'rb') as f:
-                return json.loads(f.read()) is not None if data is None else f.read() == data
-        except (OSError, ValueError):
-            return False
-    whole = {'config.json': holds('config.json'), 'log.jsonl': holds('log.jsonl', log_bytes(ckpt)),
-             'best.pt': best_pt_is_current(out, ckpt), 'summary.json': holds('summary.json', summary),
-             'temporary files': not [f for f in os.listdir(out) if re.fullmatch(TORN_FILE, f)]}
-    repair = [name for name, ok in whole.items() if not ok]
-    if repair:
-        if not os.access(out, os.W_OK | os.X_OK):
-            raise UserError(f'--output-dir {out}: the finished run there needs {", ".join(repair)} repaired (a kill '
-                            f'left its record behind last.pt), but the folder is not writable.')
-        lock, _ = claim_run_folder(cfg, args, resume, 0, torch.device('cpu'))  # removes the temporary files
-        try:
-            if 'config.json' in repair:
-                atomic_write(os.path.join(out, 'config.json'), (json.dumps(ckpt['config'], indent=2) + '\n').encode())
-            if 'log.jsonl' in repair or 'best.pt' in repair:
-                reconcile_record(out, ckpt)
-            if 'summary.json' in repair:
-                atomic_write(os.path.join(out, 'summary.json'), summary)
-        finally:
-            os.close(lock)
-        print(f'{out}: repaired {", ".join(repair)} (a kill had left the record behind last.pt)', file=sys.stderr)
-    more = f' (this command asks for {cfg["total_epochs"]})' if ckpt['epoch'] > cfg['total_epochs'] else ''
-    print(f'{out}: finished ({ckpt["epoch"]} epochs{more}, best top-1 {log[best]["val_top1"]:.2f} at epoch {best}), '
-          f'nothing to do', flush=True)
+    if not (ckpt is not None and ours and not (args.overwrite or args.eval_only) and ckpt['step'] == 0
+            and ckpt['epoch'] >= cfg['total_epochs']):
+        return False
+    want = {'summary.json': summary_json(ckpt['config'], ckpt['log'], ckpt['best_epoch']), 'log.jsonl': log_bytes(ckpt)}
+    try:
+        for name, data in want.items():
+            with open(os.path.join(cfg['output_dir'], name), 'rb') as f:
+                if f.read() != data:
+                    return False
+        return True
+    except OSError:
+        return False
 
 
 def eval_config(args, world):
@@ -1137,9 +1041,12 @@ def pick_device(local_rank, local_world):
 def run(argv):
     rank, world, local_rank = dist_env()
     args, cfg, resume, ckpt = resolve_run(argv, world)  # every input checked before any work
-    if finished(args, cfg, resume, ckpt):
+    if finished(args, cfg, resume, ckpt):  # a sweep run again: one line, no file written, no data loaded
         if rank == 0:
-            close_finished_run(cfg, args, resume, ckpt)
+            best = ckpt['best_epoch']
+            more = f' (this command asks for {cfg["total_epochs"]})' if ckpt['epoch'] > cfg['total_epochs'] else ''
+            print(f'{cfg["output_dir"]}: finished ({ckpt["epoch"]} epochs{more}, best top-1 '
+                  f'{ckpt["log"][best]["val_top1"]:.2f} at epoch {best}), nothing to do', flush=True)
         return
     device = pick_device(local_rank, int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
     if cfg['data'] == 'cifar100':  # before any collective: a slow download must not time the others out
@@ -1215,7 +1122,10 @@ def run(argv):
         loaders['train'] = make_loader(train_set, cfg, device, sampler=sampler)
         state['replacing'] = replacing
         state = train(cfg, raw_model, model, optimizer, loaders, aug, sampler, state, device, rank, world, autocast)
-        if rank == 0:
+        if rank == 0:  # the run is complete: its result in one file, from the config of its last checkpoint
+            ## (this session's, unless it trained no epoch: a kill stopped the run between last.pt and this file)
+            last_cfg = cfg if len(state['log']) > state['epoch'] else ckpt['config']
+            atomic_write(os.path.join(out, 'summary.json'), summary_json(last_cfg, state['log'], state['best_epoch']))
             print(json.dumps(dict(summary=True, best_top1=round(state['best_top1'], 4), best_epoch=state['best_epoch'],
                                   epochs=cfg['total_epochs'], output_dir=out)), flush=True)
     finally:
@@ -1230,10 +1140,12 @@ def main(argv=None):
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         run(argv)
-    except UserError as e:
+    except (UserError, augment.ImageError) as e:
         msg = str(e)
-        if msg.startswith('Caught UserError'):  # raised in a DataLoader worker: the message comes wrapped in the
-            msg = msg.rsplit('UserError: ', 1)[-1].strip()  # worker's traceback; keep our own sentence
+        if msg.startswith('Caught '):  # raised in a DataLoader worker: the message comes wrapped in the worker's
+            msg = msg.rsplit(f'{type(e).__name__}: ', 1)[-1].strip()  # traceback; keep our own sentence
+        if isinstance(e, augment.ImageError):
+            msg += ', then rerun with --resume auto to continue from the last checkpoint.'
         print(f'{f"[rank {rank}] " if world > 1 else ""}error: {msg}', file=sys.stderr, flush=True)
         code = 2
     except Stopped as e:

@@ -320,7 +320,7 @@ def our_stats(cfg, images, seeds, folder):
     for s in range(seeds):
         torch.manual_seed(s)
         x = images
-        if folder:  # what FolderImages does per image in a worker: timm's random resized crop, with Pillow
+        if folder:  # what augment.FolderCrops does per image in a worker: timm's random resized crop, with Pillow
             x = torch.stack([from_pil(im).to(torch.uint8) for im in augment.pil_random_resized_crops(
                 [to_pil(img) for img in images], cfg['img_size_resolved'], cfg['rrc_scale'], 1.0,
                 range(s * 1000, s * 1000 + len(images)))])
@@ -421,11 +421,12 @@ def test_tf32_never_touches_augmentation(monkeypatch):
 
 
 def test_augment_needs_torch_torchvision_and_the_standard_library_only():
+    """torchvision brings Pillow (the image-folder workers decode with it); nothing else: no numpy, no timm."""
     with open(os.path.join(ROOT, 'augment.py')) as f:
         tree = ast.parse(f.read())
     imported = {a.name.split('.')[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module.split('.')[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0}
-    assert imported - set(sys.stdlib_module_names) == {'torch', 'torchvision'}, imported
+    assert imported - set(sys.stdlib_module_names) == {'torch', 'torchvision', 'PIL'}, imported
     code = "import sys; sys.modules['timm'] = None; import augment"
     subprocess.run([sys.executable, '-c', code], cwd=ROOT, check=True, timeout=120)
 

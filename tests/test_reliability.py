@@ -16,6 +16,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import augment  # noqa: E402
 import train  # noqa: E402
 from test_train import SYN, TINY, TRAIN, assert_one_paragraph_error, env1, log_lines, run_main, weights  # noqa: E402
 
@@ -209,9 +210,10 @@ def summary_line(out_text):
 def test_kill_9_anywhere_then_resume_gives_the_record_of_a_run_never_killed(tmp_path, capsys):
     """The reference run records every line its record-writing code executes. Then, for every distinct (line,
     file) of those writes - in config.json, last.pt, best.pt, log.jsonl and summary.json, first and last time each
-    runs - a run is SIGKILLed right there and resumed with --resume auto (after the last checkpoint: the finished
-    path, which repairs what the kill left); a torn last log line is simulated too. Each resumed record equals the
-    reference: weights, log.jsonl, best.pt (epoch and weights), summary.json; no temporary file left."""
+    runs - a run is SIGKILLed right there and resumed with --resume auto (after the last checkpoint too: a run
+    without its summary.json, or with a torn log.jsonl, is resumed, which completes its record); a torn last log line
+    is simulated too. Each resumed record equals the reference: weights, log.jsonl, best.pt (epoch and weights),
+    summary.json; no temporary file left."""
     ref = tmp_path / 'ref'
     events = []
     capsys.readouterr()
@@ -418,17 +420,17 @@ def test_hostile_images_become_images_or_one_paragraph(tmp_path, monkeypatch):
     Image.fromarray(ramp).save(tmp_path / 'in' / 'train' / 'a' / '16bit.png')
     cfg = train.resolve_config(train.build_parser().parse_args(DEIT_TINY + ['--data-path', str(tmp_path / 'in'),
                                                                             '--no-random-crop']), 1)
-    images = train.FolderImages(str(tmp_path / 'in' / 'train'), dict(cfg, eval_crop_pct=1.0), train=True)
-    k = [p for p, _ in images.folder.samples].index(str(tmp_path / 'in' / 'train' / 'a' / '16bit.png'))
-    x, _ = images[(k, 0)]
+    train_set, _ = train.load_imagenet(dict(cfg, eval_crop_pct=1.0))
+    k = [p for p, _ in train_set.samples].index(str(tmp_path / 'in' / 'train' / 'a' / '16bit.png'))
+    x, _ = train_set[(k, 0)]
     assert x.float().std() > 20 and (x == 255).float().mean() < 0.1, x
-    monkeypatch.setattr(train.PIL.Image, 'MAX_IMAGE_PIXELS', 100)                  # 24 x 20 = 480 > 2 x 100
-    with pytest.raises(train.UserError, match=r'16bit.png .*DecompressionBombError'):
-        images[(k, 0)]
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 100)                            # 24 x 20 = 480 > 2 x 100
+    with pytest.raises(augment.ImageError, match=r'16bit.png .*DecompressionBombError'):
+        train_set[(k, 0)]
     monkeypatch.undo()
     (tmp_path / 'in' / 'train' / 'b' / 'loop').symlink_to(tmp_path / 'in' / 'train' / 'b')
     with pytest.raises(train.UserError, match=r'train/b/loop leads back to a folder above it'):
-        train.FolderImages(str(tmp_path / 'in' / 'train'), cfg, train=True)
+        train.load_imagenet(cfg)
 
 
 @pytest.mark.parametrize('change', ['epoch', 'step', 'log'])
@@ -476,7 +478,7 @@ def test_image_folder_workers_start_with_forkserver(tmp_path):
     """Python 3.14 starts DataLoader workers with forkserver, which pickles the dataset: it must pickle."""
     image_folder(tmp_path / 'in', 2)
     cfg = train.resolve_config(train.build_parser().parse_args(DEIT_TINY + ['--data-path', str(tmp_path / 'in')]), 1)
-    data = train.FolderImages(str(tmp_path / 'in' / 'train'), cfg, train=True)
+    data, _ = train.load_imagenet(cfg)
     loader = torch.utils.data.DataLoader(data, batch_size=2, sampler=[(0, 1), (1, 2)], num_workers=1,
                                          multiprocessing_context='forkserver', collate_fn=train._as_batch)
     (x, y), = list(loader)

@@ -158,9 +158,10 @@ def test_rerunning_a_finished_sweep_changes_nothing(sweep, capsys):
 
 
 def test_a_finished_run_needs_no_data_and_gets_its_summary_back(tmp_path, capsys):
-    """A finished CIFAR run whose data is gone: --resume auto says finished (nothing loads the data). Its
-    summary.json deleted (as a kill right after the last checkpoint leaves it): rewritten, the same bytes, nothing
-    else touched. More epochs on purpose is not finished: it needs the data, and with it trains on."""
+    """A finished CIFAR run whose data is gone: --resume auto says finished (nothing loads the data, nothing is
+    written). Its summary.json deleted (as a kill right after the last checkpoint leaves it), the run is not finished:
+    --resume auto resumes it (that needs its data), trains nothing, and writes the same summary.json back; the
+    checkpoints stay untouched. More epochs on purpose is not finished either: it needs the data, and trains on."""
     _write_cifar(tmp_path / 'data')
     out = tmp_path / 'run'
     argv = TINY + ['--data', 'cifar100', '--data-path', tmp_path / 'data', '--no-download', '--global-batch-size',
@@ -177,14 +178,17 @@ def test_a_finished_run_needs_no_data_and_gets_its_summary_back(tmp_path, capsys
     assert snapshot(out) == before
     os.remove(out / 'summary.json')
     capsys.readouterr()
+    assert run_main(argv) == 2 and 'CIFAR-100 not found' in capsys.readouterr().err
+    shutil.move(tmp_path / 'gone', tmp_path / 'data')
     assert run_main(argv) == 0
-    assert 'repaired summary.json' in capsys.readouterr().err
     after = snapshot(out)
     assert after['summary.json'][0] == before['summary.json'][0]
-    rest = lambda files: {f: v for f, v in files.items() if f not in ('summary.json', 'train.lock')}  # the lock: who
-    assert rest(after) == rest(before)                                                               # repaired it
+    assert {f: after[f] for f in ('last.pt', 'best.pt')} == {f: before[f] for f in ('last.pt', 'best.pt')}
+    assert after['log.jsonl'][0] == before['log.jsonl'][0]
+    assert run_main(argv) == 0 and 'finished (1 epochs' in capsys.readouterr().out
     ## control: a run with epochs left does read its data
     longer = argv + ['--epochs', '2', '--allow-change', 'epochs']
+    shutil.move(tmp_path / 'data', tmp_path / 'gone')
     capsys.readouterr()
     assert run_main(longer) == 2 and 'CIFAR-100 not found' in capsys.readouterr().err
     shutil.move(tmp_path / 'gone', tmp_path / 'data')
