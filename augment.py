@@ -31,17 +31,28 @@ About 250 device ops per step (kernels a GPU launches); benchmark.py --data-pipe
 Exactness: tests/test_augment.py compares every op with timm's own Pillow op, per magnitude, sign and
 interpolation, at 32 and 224 pixels; where they may differ, the function says so in a `# deviation:` line.
 
+Feeding it: `EpochSampler` says which images each step of an epoch takes on each process (DeiT's repeated
+augmentation included) and with which crop seed, `batches` turns a dataset into a process's uint8 batches on the
+device (an in-memory set sliced on the device; an image folder decoded and cropped by `FolderCrops` in DataLoader
+workers), and `derive_seed` makes every draw a pure function of (seed, epoch, step or position, rank): that is what
+lets an interrupted run resume exactly.
+
 Sections: host-to-device transfer; RandAugment's vocabulary and draws (host); boxes (host); resizing (Pillow in
-workers, matrices on batches); the three kinds of RandAugment ops (device); mixing, erasing, normalizing; Augment.
+workers, matrices on batches; FolderCrops); the three kinds of RandAugment ops (device); mixing, erasing,
+normalizing; Augment; feeding it (samplers, seeds, batches).
 `##` comments teach, `#` comments are functional. torch, torchvision (with its Pillow) and the standard library only.
 """
 import contextlib
+import hashlib
 import math
+import os
 import re
+import signal
 
 import PIL.Image
 import torch
 import torch.nn.functional as nnF
+import torchvision
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
@@ -288,7 +299,8 @@ def pil_center_crop(img, size, crop_pct):
 
 
 class ImageError(ValueError):
-    """An image file Pillow cannot decode (not an image, truncated, a decompression bomb): the message names it."""
+    """An image file Pillow cannot decode (not an image, truncated, a decompression bomb), or an image folder that
+    cannot be listed: the message names it."""
 
 
 def open_image(path):
@@ -312,6 +324,21 @@ def rgb(img, path):
         return img.convert('RGB')
     except (OSError, ValueError, SyntaxError) as e:            # truncated or malformed: found while decoding
         raise ImageError(f'cannot decode image {path} ({type(e).__name__}: {e}); replace or delete that file') from None
+
+
+def list_images(root):
+    """(path, class index) of every image under root/<class>/, as torchvision's ImageFolder lists them, except that a
+    symlink loop (which would list a class's images once per turn until the path is too long) is an ImageError."""
+    classes, class_to_idx = torchvision.datasets.folder.find_classes(root)
+    for c in classes:
+        seen = set()
+        for folder, _, _ in os.walk(os.path.join(root, c), followlinks=True):
+            key = (os.stat(folder).st_dev, os.stat(folder).st_ino)
+            if key in seen:
+                raise ImageError(f'{folder} leads back to a folder above it (a symlink loop): its images would be '
+                                 f'listed again and again. Remove the link')
+            seen.add(key)
+    return torchvision.datasets.folder.make_dataset(root, class_to_idx, torchvision.datasets.folder.IMG_EXTENSIONS)
 
 
 class FolderCrops(torch.utils.data.Dataset):
@@ -719,3 +746,103 @@ class Augment:
             with no_tf32():
                 x = resized_crop(x, c.whole.expand(B, 2, 3), c.resize)
         return self.normalize(x, c)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# feeding it: which images each step takes (and with which crop seed), and how they reach the device
+
+def derive_seed(*keys):
+    """A 63-bit seed that is a pure function of the keys (seed, epoch, step or sample position, rank, ...): seeding
+    each step's draws (and each image's crop) with one makes a resumed run draw what the uninterrupted run drew."""
+    return int.from_bytes(hashlib.blake2b(repr(keys).encode(), digest_size=8).digest(), 'little') >> 1
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """This process's samples of one epoch from step `start_step` on: indices, or keys (index, crop seed) for
+    FolderCrops. batch_size is a process's; a step's global batch is batch_size x world. Plain: a permutation seeded
+    by (seed, epoch) cut into global batches, process `rank` taking chunk `rank` of each, so 1 process and k
+    processes see the same samples in every step. Repeated augmentation (DeiT): see ra_indices."""
+
+    def __init__(self, n, batch_size, world=1, rank=0, seed=0, repeated=False):
+        self.n, self.b, self.B, self.world, self.rank = n, batch_size, batch_size * world, world, rank
+        self.seed, self.repeated = seed, repeated
+        self.epoch, self.start_step = 0, 0
+
+    def set_epoch(self, epoch, start_step=0):
+        self.epoch, self.start_step = epoch, start_step
+
+    @property
+    def steps(self):
+        return self.n // 256 * 256 // self.world // self.b if self.repeated else self.n // self.B
+
+    def indices(self):
+        """This process's sample indices for the whole epoch, steps * batch_size of them."""
+        perm_seed = derive_seed(self.seed, self.epoch)
+        if self.repeated:
+            return ra_indices(self.n, self.world, self.rank, perm_seed)[:self.steps * self.b]
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(perm_seed))[:self.steps * self.B]
+        return perm.view(self.steps, self.world, self.b)[:, self.rank].reshape(-1).tolist()  # (steps, world, b)
+
+    def keys(self):
+        ## a copy of an image on another process must get another crop: the rank enters the seed; in the plain
+        ## case the position in the global order does, so any world size crops an image alike
+        where = lambda p: (self.rank, p) if self.repeated else (p // self.b * self.B + self.rank * self.b + p % self.b,)
+        return [(int(i), derive_seed(self.seed, self.epoch, *where(p))) for p, i in enumerate(self.indices())]
+
+    def __iter__(self):
+        return iter(self.keys()[self.start_step * self.b:])
+
+
+def ra_indices(n, world, rank, perm_seed, repeats=3):
+    """DeiT's RASampler (repeated augmentation): permutation, each index repeated `repeats` times in a row, padded to
+    a multiple of the world size, rank r takes every world-th element from r (so the copies of an image land on
+    different ranks when world >= repeats), and keeps the first floor(n // 256 * 256 / world).
+    # deviation: DeiT seeds the permutation with the epoch only; here it is derived from (seed, epoch)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(perm_seed))
+    idx = torch.repeat_interleave(perm, repeats).tolist()
+    total = int(math.ceil(n * repeats / world)) * world
+    idx += idx[:total - len(idx)]
+    return idx[rank:total:world][:n // 256 * 256 // world]
+
+
+def eval_indices(n, world, rank):
+    """Every validation sample exactly once across processes: rank r takes r, r + world, ... (no padding).
+    # deviation: DeiT's --dist-eval pads with DistributedSampler (a few images counted twice); here none are."""
+    return list(range(rank, n, world))
+
+
+class MemoryBatches:
+    """Batches (uint8 images, labels) of an in-memory set on the device: the sampler's (train) or given indices.
+    The epoch's indices reach the device in one non-blocking copy; a step only slices them."""
+
+    def __init__(self, data, device, batch_size, sampler, indices):
+        self.images, self.labels = (t.to(device) for t in data.tensors)  # uint8 (n, 3, H, W), labels (n,)
+        self.device, self.b, self.sampler, self.fixed = device, batch_size, sampler, indices
+
+    def __iter__(self):
+        s = self.sampler
+        order = torch.tensor(self.fixed if s is None else s.indices()[s.start_step * s.b:], dtype=torch.long)
+        order = to_device(dict(i=order), self.device)['i']
+        for i in order.split(self.b):
+            yield self.images[i], self.labels[i]
+
+
+def batches(data, batch_size, device, sampler=None, indices=None, workers=0):
+    """A process's batches (uint8 images, labels) for training (sampler) or evaluation (indices): an in-memory
+    TensorDataset as MemoryBatches, FolderCrops through a DataLoader with `workers` processes (pinned memory on
+    CUDA; the workers ignore Ctrl-C and SIGTERM, so that the main process alone decides how to stop)."""
+    if isinstance(data, torch.utils.data.TensorDataset):
+        return MemoryBatches(data, device, batch_size, sampler, indices)
+    return torch.utils.data.DataLoader(data, batch_size=batch_size, sampler=sampler or [(i, 0) for i in indices],
+                                       num_workers=workers, pin_memory=device.type == 'cuda',
+                                       persistent_workers=workers > 0, worker_init_fn=_ignore_stop_signals,
+                                       collate_fn=_whole_batch)
+
+
+def _ignore_stop_signals(_):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C and SIGTERM reach the whole process group
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _whole_batch(batch):
+    return batch  # FolderCrops.__getitems__ returns the batch already (a module-level function: workers pickle it)

@@ -279,6 +279,7 @@ def count_augmentation_steps(path: str, steps: int = 5, seed: int = 0) -> list[d
     deit: a worker's uint8 batch (256 x 224 x 224, pinned on CUDA) copied to the device, then augmented; vit_lite:
     CIFAR-100's 32 x 32 images live on the device, a batch of 128 is sliced from them and augmented. The first
     step is run before (it makes the constants once)."""
+    import augment
     import train
     p = AUG_PATHS[path]
     cfg = train.resolve_config(train.build_parser().parse_args(
@@ -289,7 +290,7 @@ def count_augmentation_steps(path: str, steps: int = 5, seed: int = 0) -> list[d
         n = 50_000 // B * B
         data = torch.utils.data.TensorDataset(torch.zeros(n, 3, 32, 32, dtype=torch.uint8),
                                               torch.zeros(n, dtype=torch.long))
-        sampler = train.EpochSampler(n, cfg, 0, 1)
+        sampler = augment.EpochSampler(n, B)
         loader = iter(train.make_loader(data, cfg, meta, sampler=sampler))
         batches = lambda: next(loader)
     else:
@@ -298,7 +299,7 @@ def count_augmentation_steps(path: str, steps: int = 5, seed: int = 0) -> list[d
         batches = lambda: (x_cpu.to(meta, non_blocking=True), y_cpu.to(meta, non_blocking=True))
     counts = []
     for step in range(steps + 1):
-        torch.manual_seed(train.derive_seed(seed, 0, step, 0, "step"))           # train.py's per-step seeding
+        torch.manual_seed(augment.derive_seed(seed, 0, step, 0, "step"))           # train.py's per-step seeding
         with DeviceOpCounter("meta") as c:
             aug(*batches())
         counts.append(c.summary())
@@ -332,8 +333,7 @@ def worker_speed(root: str, cfg: dict, rounds: int) -> tuple[float, float | None
     rounds; None for timm when it is not installed. Medians over the rounds."""
     import augment
     import torchvision
-    import train
-    ours = augment.FolderCrops(train.list_images(root), cfg["img_size_resolved"], True, cfg["rrc_scale"],
+    ours = augment.FolderCrops(augment.list_images(root), cfg["img_size_resolved"], True, cfg["rrc_scale"],
                                cfg["interpolation"])
     paths = [p for p, _ in ours.samples]
     decode = torchvision.datasets.folder.default_loader
@@ -384,6 +384,8 @@ def data_pipeline(args, device: torch.device, amp_dtype) -> str:
     folder row measures decoding and augmentation, not the disk. Nothing measured is kept alive: on a GPU the
     batches of a timed window are freed as they go."""
     import tempfile
+
+    import augment
     import train
     workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1)
     shapes = [("CIFAR-100 in memory", "vit_lite", "vit_lite_7_4", 50000, 310),
@@ -402,7 +404,7 @@ def data_pipeline(args, device: torch.device, amp_dtype) -> str:
             train_set, _ = train.load_data(cfg)
             in_memory = isinstance(train_set, torch.utils.data.TensorDataset)
             aug = train.make_augment(cfg, in_memory)
-            sampler = train.EpochSampler(len(train_set), cfg, 0, 1)
+            sampler = augment.EpochSampler(len(train_set), B)
             loader = train.make_loader(train_set, cfg, device, sampler=sampler)
 
             if sampler.steps == 0:

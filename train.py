@@ -1,5 +1,5 @@
 """
-Train the ViT variants of mpvg.py with the paper's recipes (MPVG, AAAI 2025; PAPER.md section 4).
+Train the ViT variants of mpvg.py with the recipes of the MPVG paper (Lee, Ham and Kim, AAAI 2025, Table 7).
 
     python train.py --data synthetic --epochs 2 --cooldown-epochs 0 --warmup-epochs 0   # offline smoke test, CPU ok
     python train.py --pe mpvg                                                           # ViT-Lite-7/4, CIFAR-100, 1 GPU
@@ -57,7 +57,8 @@ class UserError(Exception):
 # ----------------------------------------------------------------------------------------------------------------
 # config / CLI
 
-## The two official recipes (PAPER.md section 4). A model's defaults are its paper recipe; most values are flags.
+## The two official recipes (the paper's Table 7, as the official code runs them). A model's defaults are its
+## recipe; most values are flags.
 RECIPES = {
     ## Compact-Transformers `cifar100.yml` (timm train.py): lr not scaled, PE and cls token decayed; the scheduler is
     ## stepped with epoch + 1 after epoch e (lr_epoch_lag 0); the loader mixes uint8 batches, then erases (mix_first).
@@ -82,6 +83,10 @@ DATASETS = {
 }
 CIFAR100_URL = 'https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz'
 CIFAR100_MD5 = 'eb9058c3a382ffc7106e4002c42a8d85'
+GET_CIFAR = ('mkdir -p {root} && curl -L ' + CIFAR100_URL + ' | tar xz -C {root}, or train offline on generated data '
+             'with --data synthetic')
+IMAGENET_LAYOUT = ('Expected ImageNet-1K as ImageFolders {root}/train/<class>/<image> and {root}/val/<class>/<image>; '
+                   'it cannot be downloaded automatically: get ILSVRC2012 from https://image-net.org.')
 
 ARCH_FLAGS = {d: d + '_rate' if d in ('drop_path', 'attn_drop') else d for d in ('img_size', 'patch_size', 'embed_dim',
               'depth', 'num_heads', 'mlp_ratio', 'drop_path', 'attn_drop')}  # CLI dest -> create_model keyword
@@ -217,6 +222,14 @@ CHECKS = [
 ]
 
 
+def check_values(cfg, keys):
+    """CHECKS on these keys of a config: one UserError naming every invalid value and what is valid."""
+    bad = [f'{flag(k)} {show(cfg[k])} is invalid: must be {what}' for k, ok, what in CHECKS
+           if k in keys and not ok(cfg[k], cfg)]
+    if bad:
+        raise UserError('; '.join(bad) + '.')
+
+
 def resolve_config(args, world_size):
     """Merge the recipe of --model with the flags and check every value; returns a JSON-able dict (config.json)."""
     rname = 'vit_lite' if args.model.startswith('vit_lite') else 'deit'
@@ -228,13 +241,11 @@ def resolve_config(args, world_size):
     cfg['lr_base'] = cfg['lr']
     if recipe['lr_base_batch']:  # DeiT's main.py scales any --lr: lr = lr_base x global batch / 512
         cfg['lr'] = cfg['lr_base'] * cfg['global_batch_size'] / recipe['lr_base_batch']
-    bad = [f'{flag(k)} {show(cfg[k])} is invalid: must be {what}' for k, ok, what in CHECKS if not ok(cfg[k], cfg)]
     try:
         augment.parse_randaug(cfg['randaug'])
     except ValueError as e:
-        bad.append(str(e))
-    if bad:
-        raise UserError('; '.join(bad) + '.')
+        raise UserError(f'{e}.') from None
+    check_values(cfg, [k for k, _, _ in CHECKS])
     B = cfg['global_batch_size']
     if B % world_size:
         raise UserError(f'--global-batch-size {B} cannot be split over the {world_size} processes of this run '
@@ -260,13 +271,11 @@ def check_paths(cfg, args):
     root, out = cfg['data_path'], cfg['output_dir']
     missing = [s for s in ('train', 'val') if not os.path.isdir(os.path.join(root, s))]
     if cfg['data'] == 'imagenet' and missing:
-        raise UserError(f'--data-path {root}: no {" or ".join(missing)} folder there. Expected ImageNet-1K as '
-                        f'ImageFolders {root}/train/<class>/<image> and {root}/val/<class>/<image>; it cannot be '
-                        f'downloaded automatically: get ILSVRC2012 from https://image-net.org.')
+        raise UserError(f'--data-path {root}: no {" or ".join(missing)} folder there. '
+                        + IMAGENET_LAYOUT.format(root=root))
     if cfg['data'] == 'cifar100' and not cfg['download'] and not os.path.isdir(os.path.join(root, 'cifar-100-python')):
         raise UserError(f'CIFAR-100 not found at {root}/cifar-100-python and --no-download is set. Get it with: '
-                        f'mkdir -p {root} && curl -L {CIFAR100_URL} | tar xz -C {root}, or train offline on generated '
-                        f'data with --data synthetic.')
+                        f'{GET_CIFAR.format(root=root)}.')
     if os.path.islink(out) and not os.path.exists(out):
         raise UserError(f'--output-dir {out} is a symlink to {os.readlink(out)}, which does not exist: create that '
                         f'folder, remove the link, or pick another --output-dir.')
@@ -308,33 +317,12 @@ def provenance(argv, world):
 # ----------------------------------------------------------------------------------------------------------------
 # data: datasets, samplers, loaders
 
-def derive_seed(*keys):
-    """A 63-bit seed that is a pure function of the keys (seed, epoch, position, ...)."""
-    return int.from_bytes(hashlib.blake2b(repr(keys).encode(), digest_size=8).digest(), 'little') >> 1
-
-
-def list_images(root):
-    """(path, class index) of every image under root/<class>/, as torchvision's ImageFolder lists them, except that a
-    symlink loop (which would list a class's images once per turn until the path is too long) is an error naming it."""
-    classes, class_to_idx = torchvision.datasets.folder.find_classes(root)
-    for c in classes:
-        seen = set()
-        for folder, _, _ in os.walk(os.path.join(root, c), followlinks=True):
-            key = (os.stat(folder).st_dev, os.stat(folder).st_ino)
-            if key in seen:
-                raise UserError(f'{folder} leads back to a folder above it (a symlink loop): its images would be '
-                                f'listed again and again. Remove the link.')
-            seen.add(key)
-    return torchvision.datasets.folder.make_dataset(root, class_to_idx, torchvision.datasets.folder.IMG_EXTENSIONS)
-
-
 def folder_classes(root):
     """The classes of an image folder: its train/ class folders, which val/ must match (a cheap listing)."""
     try:
         classes = [torchvision.datasets.folder.find_classes(os.path.join(root, s))[0] for s in ('train', 'val')]
     except FileNotFoundError as e:
-        raise UserError(f'ImageNet at {root} not usable ({e}). Expected ImageNet-1K as ImageFolders '
-                        f'{root}/train/<class>/<image> and {root}/val/<class>/<image>.') from None
+        raise UserError(f'ImageNet at {root} not usable ({e}). {IMAGENET_LAYOUT.format(root=root)}') from None
     if classes[0] != classes[1]:
         raise UserError(f'{root}/train has {len(classes[0])} class folders and {root}/val {len(classes[1])}, not the '
                         f'same ones ({", ".join(sorted(set(classes[0]) ^ set(classes[1]))[:5])}...): they must match.')
@@ -355,8 +343,7 @@ def fetch_cifar100(root, local_rank):
             os.replace(os.path.join(tmp, 'cifar-100-python'), folder)
         except Exception as e:  # offline, proxy, disk full...
             raise UserError(f'CIFAR-100 is not at {folder} and the download failed ({type(e).__name__}: {e}). Get '
-                            f'it with: mkdir -p {root} && curl -L {CIFAR100_URL} | tar xz -C {root}, or train offline '
-                            f'on generated data with --data synthetic.') from None
+                            f'it with: {GET_CIFAR.format(root=root)}.') from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     deadline = time.time() + 3600
@@ -382,8 +369,8 @@ class CifarUnpickler(pickle.Unpickler):
 
 def load_cifar100(root):
     folder = os.path.join(root, 'cifar-100-python')
-    how = (f'Expected the official CIFAR-100 python version at {folder}/{{train,test,meta}}: mkdir -p {root} && '
-           f'curl -L {CIFAR100_URL} | tar xz -C {root}, or point --data-path at the folder holding cifar-100-python/.')
+    how = (f'Expected the official CIFAR-100 python version at {folder}/{{train,test,meta}}: point --data-path at the '
+           f'folder holding cifar-100-python/, or {GET_CIFAR.format(root=root)}.')
     out = []
     for f in (os.path.join(folder, s) for s in ('train', 'test')):
         try:
@@ -406,12 +393,14 @@ def load_imagenet(cfg):
     root, sets = cfg['data_path'], []
     try:
         for split in ('train', 'val'):
-            sets.append(augment.FolderCrops(list_images(os.path.join(root, split)), cfg['img_size_resolved'],
+            sets.append(augment.FolderCrops(augment.list_images(os.path.join(root, split)), cfg['img_size_resolved'],
                                             split == 'train' and cfg['random_crop'], cfg['rrc_scale'],
                                             cfg['interpolation'], cfg['eval_crop_pct']))
+    except augment.ImageError as e:  # a symlink loop
+        raise UserError(f'{e}.') from None
     except (FileNotFoundError, OSError) as e:  # a class folder without images, an unreadable folder
-        raise UserError(f'ImageNet at {root} not usable ({type(e).__name__}: {e}). Expected ImageNet-1K as '
-                        f'ImageFolders {root}/train/<class>/<image> and {root}/val/<class>/<image>.') from None
+        raise UserError(f'ImageNet at {root} not usable ({type(e).__name__}: {e}). '
+                        + IMAGENET_LAYOUT.format(root=root)) from None
     return sets
 
 
@@ -434,96 +423,10 @@ def load_data(cfg):
     return sets
 
 
-class EpochSampler(torch.utils.data.Sampler):
-    """This rank's samples of one epoch from step `start_step` on: indices, or keys (index, crop seed) for image
-    folders. Plain: a permutation seeded by (seed, epoch) cut into global batches; rank r takes chunk r of each,
-    so 1 process and k processes see the same samples in every step. Repeated augmentation: see ra_indices."""
-
-    def __init__(self, n, cfg, rank, world):
-        self.n, self.seed, self.rank, self.world = n, cfg['seed'], rank, world
-        self.B, self.b = cfg['global_batch_size'], cfg['per_process_batch_size']
-        self.repeated = cfg['repeated_aug']
-        self.epoch, self.start_step = 0, 0
-
-    def set_epoch(self, epoch, start_step=0):
-        self.epoch, self.start_step = epoch, start_step
-
-    @property
-    def steps(self):
-        return self.n // 256 * 256 // self.world // self.b if self.repeated else self.n // self.B
-
-    def indices(self):
-        """This rank's sample indices for the whole epoch, steps * per-process batch of them."""
-        perm_seed = derive_seed(self.seed, self.epoch)
-        if self.repeated:
-            return ra_indices(self.n, self.world, self.rank, perm_seed)[:self.steps * self.b]
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(perm_seed))[:self.steps * self.B]
-        return perm.view(self.steps, self.world, self.b)[:, self.rank].reshape(-1).tolist()  # (steps, world, b)
-
-    def keys(self):
-        ## a copy of an image on another rank must get another crop: the rank enters the seed; in the plain case
-        ## the position in the global order does, so any world size crops an image alike
-        where = lambda p: (self.rank, p) if self.repeated else (p // self.b * self.B + self.rank * self.b + p % self.b,)
-        return [(int(i), derive_seed(self.seed, self.epoch, *where(p))) for p, i in enumerate(self.indices())]
-
-    def __iter__(self):
-        return iter(self.keys()[self.start_step * self.b:])
-
-
-def ra_indices(n, world, rank, perm_seed, repeats=3):
-    """DeiT's RASampler: permutation, each index repeated `repeats` times in a row, padded to a multiple of the
-    world size, rank r takes every world-th element from r (so the copies of an image land on different ranks
-    when world >= repeats), and keeps the first floor(n // 256 * 256 / world).
-    # deviation: DeiT seeds the permutation with the epoch only; here it is derived from (seed, epoch)."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(perm_seed))
-    idx = torch.repeat_interleave(perm, repeats).tolist()
-    total = int(math.ceil(n * repeats / world)) * world
-    idx += idx[:total - len(idx)]
-    return idx[rank:total:world][:n // 256 * 256 // world]
-
-
-def eval_indices(n, world, rank):
-    """Every validation sample exactly once across ranks: rank r takes r, r + world, ... (no padding).
-    # deviation: DeiT's --dist-eval pads with DistributedSampler (a few images counted twice); here none are."""
-    return list(range(rank, n, world))
-
-
-def _worker_init(_):
-    # Ctrl-C / SIGTERM go to the whole process group: workers ignore them and the main process stops cleanly.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-class MemoryBatches:
-    """Batches (uint8 images, labels) of an in-memory set on the device: the sampler's (train) or given indices.
-    The epoch's indices reach the device in one non-blocking copy; a step only slices them."""
-
-    def __init__(self, data, device, b, sampler, indices):
-        self.images, self.labels = (t.to(device) for t in data.tensors)  # uint8 (n, 3, H, W), labels (n,)
-        self.device, self.b, self.sampler, self.fixed = device, b, sampler, indices
-
-    def __iter__(self):
-        s = self.sampler
-        order = torch.tensor(self.fixed if s is None else s.indices()[s.start_step * s.b:], dtype=torch.long)
-        order = augment.to_device(dict(i=order), self.device)['i']
-        for i in order.split(self.b):
-            yield self.images[i], self.labels[i]
-
-
 def make_loader(data, cfg, device, sampler=None, indices=None):
     """This rank's batches of uint8 images and labels, for training (sampler) or evaluation (indices)."""
-    b = cfg['per_process_batch_size']
-    if isinstance(data, torch.utils.data.TensorDataset):
-        return MemoryBatches(data, device, b, sampler, indices)
     workers = cfg['workers'] if cfg['workers'] is not None else min(8, CPUS)
-    return torch.utils.data.DataLoader(data, batch_size=b, sampler=sampler or [(i, 0) for i in indices],
-                                       num_workers=workers, pin_memory=device.type == 'cuda',
-                                       persistent_workers=workers > 0, worker_init_fn=_worker_init,
-                                       collate_fn=_as_batch)
-
-
-def _as_batch(batch):
-    return batch  # FolderCrops.__getitems__ returns the batch already (a module-level function: picklable)
+    return augment.batches(data, cfg['per_process_batch_size'], device, sampler, indices, workers)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -619,9 +522,10 @@ class Stopped(Exception):
 # ----------------------------------------------------------------------------------------------------------------
 # run folder: lock, atomic writes, checkpoints
 
-## A run's record is consistent at every instant: last.pt (written atomically) is the commit point and holds the
-## log lines of every finished epoch too. After a kill anywhere, --resume auto rewrites log.jsonl from last.pt and
-## copies last.pt to best.pt when the best epoch is the last one and best.pt missed it (write_record's order).
+## A run's record is consistent at every instant: every file is written atomically; last.pt is the commit point
+## and holds the log lines of every finished epoch too. After a kill anywhere, --resume auto rewrites log.jsonl from
+## last.pt and copies last.pt to best.pt when the best epoch is the last one and best.pt missed it (write_record's
+## order).
 
 def atomic_write(path, data):
     """Bytes (or a checkpoint) to path via a temporary file, fsync and rename; on a write error (disk full) the old
@@ -650,34 +554,24 @@ def atomic_write(path, data):
     return data
 
 
-def write_record(out, ckpt, improved, line, replacing):
-    """An epoch's end on disk, in this order: last.pt (the commit point), best.pt if best, the log.jsonl line. The
-    first record of a run that replaces another (--overwrite) removes the old run's files after that commit point,
-    and writes config.json and log.jsonl afresh."""
+def write_record(out, ckpt, improved, replacing):
+    """A checkpoint on disk, in this order: last.pt (the commit point), best.pt if it is the best epoch, log.jsonl
+    (rewritten from last.pt's log lines). The first record of a run that replaces another (--overwrite) removes the
+    old run's summary.json and best.pt (unless just written) after that commit point, and writes config.json."""
     data = atomic_write(os.path.join(out, 'last.pt'), ckpt)
     if improved:
         atomic_write(os.path.join(out, 'best.pt'), data)
     if replacing:
-        retire_old_run(out, ckpt, keep_best=improved)
-        return print(json.dumps(line), flush=True)
-    try:
-        with open(os.path.join(out, 'log.jsonl'), 'a') as f:
-            f.write(json.dumps(line) + '\n')
-    except OSError as e:  # disk full, or the file replaced by a folder
-        raise UserError(f'could not append epoch {line["epoch"]} to {out}/log.jsonl ({e.strerror}); last.pt is '
-                        f'written and holds every log line: fix or make room, then --resume auto rewrites '
-                        f'log.jsonl from it.') from None
-    print(json.dumps(line), flush=True)
-
-
-def retire_old_run(out, ckpt, keep_best):
-    """After a replacing run's first checkpoint: the old run's best.pt and summary.json go, config.json and
-    log.jsonl become this run's. A kill in between is mended by --resume auto (reconcile_record)."""
-    for name in (('summary.json',) if keep_best else ('summary.json', 'best.pt')):
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(out, name))
-    atomic_write(os.path.join(out, 'config.json'), (json.dumps(ckpt['config'], indent=2) + '\n').encode())
+        for name in ('summary.json',) if improved else ('summary.json', 'best.pt'):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(out, name))
+        atomic_write(os.path.join(out, 'config.json'), json_bytes(ckpt['config']))
     atomic_write(os.path.join(out, 'log.jsonl'), log_bytes(ckpt))
+
+
+def is_own(resume, out):
+    """Is the checkpoint to resume one of this run folder's own (not another run's, started from)?"""
+    return resume is not None and os.path.abspath(os.path.dirname(resume)) == os.path.abspath(out)
 
 
 def folder_state(out):
@@ -707,7 +601,7 @@ def claim_run_folder(cfg, args, resume, rank, device):
             os.ftruncate(fd, 0)
             os.pwrite(fd, f'pid {os.getpid()} on {socket.gethostname()} since {time.strftime("%F %T")}'.encode(), 0)
             present, trained = folder_state(out)
-            ours = resume and os.path.abspath(os.path.dirname(resume)) == os.path.abspath(out)
+            ours = is_own(resume, out)
             if trained and not ours and not args.overwrite:
                 if args.resume == 'auto':  # there is no last.pt, or this would be ours
                     raise UserError(f'--resume auto: {out} holds a run ({", ".join(present)}) but no last.pt: its '
@@ -808,6 +702,10 @@ def best_pt_is_current(out, ckpt):
         return ckpt['best_epoch'] < 0
 
 
+def json_bytes(obj):
+    return (json.dumps(obj, indent=2) + '\n').encode()
+
+
 def log_bytes(ckpt):
     return ''.join(json.dumps(ln) + '\n' for ln in ckpt['log']).encode()
 
@@ -837,7 +735,7 @@ def summary_json(cfg, log, best_epoch):
                    final_top1=last['val_top1'], final_top5=last['val_top5'], time_s=round(time_s, 1),
                    device_hours=round(time_s * cfg['world_size'] / 3600, 4), img_per_s=speeds[len(speeds) // 2],
                    world_size=cfg['world_size'], devices=prov.get('devices'), git_commit=prov.get('git_commit'))
-    return (json.dumps(summary, indent=2) + '\n').encode()
+    return json_bytes(summary)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -889,7 +787,7 @@ def train(cfg, raw_model, model, optimizer, loaders, aug, sampler, state, device
         for step, (x, y) in enumerate(loaders['train'], start=start):
             ## every step's randomness (augmentation draws, erasing noise, MixUp/CutMix, drop-path, dropout) comes
             ## from torch's global RNGs, seeded here by (seed, epoch, step, rank)
-            torch.manual_seed(derive_seed(cfg['seed'], epoch, step, rank, 'step'))
+            torch.manual_seed(augment.derive_seed(cfg['seed'], epoch, step, rank, 'step'))
             x, target = aug(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
             with autocast:
                 logits = model(x)
@@ -920,9 +818,7 @@ def train(cfg, raw_model, model, optimizer, loaders, aug, sampler, state, device
                     pbar.close()
                     ckpt = checkpoint(epoch, step + 1, all_reduce(loss_sum).cpu())
                     if rank == 0:
-                        atomic_write(os.path.join(out, 'last.pt'), ckpt)
-                        if state.pop('replacing', False):
-                            retire_old_run(out, ckpt, keep_best=False)
+                        write_record(out, ckpt, False, state.pop('replacing', False))
                     barrier()
                     raise Stopped(f'at epoch {epoch}, step {step + 1}/{steps}', out)
         pbar.close()
@@ -940,7 +836,8 @@ def train(cfg, raw_model, model, optimizer, loaders, aug, sampler, state, device
             state['best_top1'], state['best_epoch'] = top1, epoch
         state['log'].append(line)
         if rank == 0:
-            write_record(out, checkpoint(epoch + 1, 0, None), improved, line, state.pop('replacing', False))
+            write_record(out, checkpoint(epoch + 1, 0, None), improved, state.pop('replacing', False))
+            print(json.dumps(line), flush=True)
         stop, _ = sync_status(first_bad, device, world)
         if stop and epoch + 1 < cfg['total_epochs']:
             barrier()
@@ -986,7 +883,7 @@ def finished(args, cfg, resume, ckpt):
     record is whole: summary.json, written last, is there, and log.jsonl holds every line. (Else a kill left the
     record behind last.pt: the run resumes as any other, which completes it.) More epochs (--epochs 400
     --allow-change epochs) is not finished: the run trains on."""
-    ours = resume is not None and os.path.abspath(os.path.dirname(resume)) == os.path.abspath(cfg['output_dir'])
+    ours = is_own(resume, cfg['output_dir'])
     if not (ckpt is not None and ours and not (args.overwrite or args.eval_only) and ckpt['step'] == 0
             and ckpt['epoch'] >= cfg['total_epochs']):
         return False
@@ -1012,10 +909,7 @@ def eval_config(args, world):
         raise UserError(f'--eval-only evaluates {args.resume} with the settings it was trained with; '
                         f'{", ".join(map(flag, sorted(set(given) - set(free))))} cannot change them.')
     cfg = {**ckpt['config'], **{k: v for k, v in given.items() if k in free}}
-    bad = [f'{flag(k)} {show(cfg[k])} is invalid: must be {what}' for k, ok, what in CHECKS
-           if k in free and not ok(cfg[k], cfg)]
-    if bad:
-        raise UserError('; '.join(bad) + '.')
+    check_values(cfg, free)
     cfg.update(world_size=world, per_process_batch_size=max(cfg['global_batch_size'] // world, 1))
     check_paths(cfg, args)
     if cfg['data'] == 'imagenet' and folder_classes(cfg['data_path']) != cfg.get('classes'):
@@ -1090,8 +984,9 @@ def run(argv):
         ## data
         train_set, val_set = load_data(cfg)
         aug = make_augment(cfg, in_memory=isinstance(train_set, torch.utils.data.TensorDataset))
-        sampler = EpochSampler(len(train_set), cfg, rank, world)
-        loaders = dict(val=make_loader(val_set, cfg, device, indices=eval_indices(len(val_set), world, rank)))
+        sampler = augment.EpochSampler(len(train_set), cfg['per_process_batch_size'], world, rank, cfg['seed'],
+                                       cfg['repeated_aug'])
+        loaders = dict(val=make_loader(val_set, cfg, device, indices=augment.eval_indices(len(val_set), world, rank)))
         cfg.update(steps_per_epoch=sampler.steps, train_size=len(train_set), val_size=len(val_set))
         if args.eval_only:
             top1, top5, n = evaluate(raw_model, loaders['val'], aug, device, autocast)
@@ -1111,8 +1006,8 @@ def run(argv):
             if not replacing:  # a replaced run's files stay until this run's first checkpoint
                 with contextlib.suppress(FileNotFoundError):  # a finished run training on (more epochs)
                     os.remove(os.path.join(out, 'summary.json'))
-                atomic_write(os.path.join(out, 'config.json'), (json.dumps(cfg, indent=2) + '\n').encode())
-            if ckpt is not None and os.path.abspath(os.path.dirname(resume)) == os.path.abspath(out):
+                atomic_write(os.path.join(out, 'config.json'), json_bytes(cfg))
+            if is_own(resume, out):
                 reconcile_record(out, ckpt)
         barrier()
         model = torch.compile(raw_model) if cfg['compile'] else raw_model

@@ -441,7 +441,7 @@ def test_repeated_aug_never_mixes_an_image_with_its_own_copy(world):
     cfg = dict(cfg, per_process_batch_size=1024 // world)
     kept = total = 0
     for rank in range(world):
-        s = train.EpochSampler(n, cfg, rank, world)
+        s = augment.EpochSampler(n, 1024 // world, world, rank, cfg['seed'], repeated=True)
         s.set_epoch(0)
         idx = torch.tensor(s.indices()).view(s.steps, s.b)
         assert s.steps == 4
@@ -526,7 +526,7 @@ def test_memory_batches_give_every_sample_once_per_epoch(n, world):
         labels = []
         for rank in range(world):
             c = dict(cfg, per_process_batch_size=20 // world)
-            sampler = train.EpochSampler(n, c, rank, world)
+            sampler = augment.EpochSampler(n, 20 // world, world, rank, c['seed'])
             sampler.set_epoch(epoch)
             batches = list(train.make_loader(data, c, torch.device('cpu'), sampler=sampler))
             assert len(batches) == n // 20 and all(len(y) == 20 // world for _, y in batches)
@@ -536,5 +536,5 @@ def test_memory_batches_give_every_sample_once_per_epoch(n, world):
     assert seen[0] != seen[1]
     evals = [int(v) for r in range(3) for _, y in train.make_loader(data, dict(cfg, per_process_batch_size=7),
                                                                     torch.device('cpu'),
-                                                                    indices=train.eval_indices(n, 3, r)) for v in y]
+                                                                    indices=augment.eval_indices(n, 3, r)) for v in y]
     assert sorted(evals) == list(range(n))

@@ -23,7 +23,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import mpvg  # noqa: E402
-from test_mpvg import (ATOL, CASES, NAMES, PARAM_COUNTS, PRESETS, RTOL, TINY, _timm_deit_tiny,  # noqa: E402
+from test_mpvg import (ATOL, NAMES, PARAM_COUNTS, PRESETS, RTOL, TINY, _timm_deit_tiny,  # noqa: E402
                        build, expected_pe_norms, images, knobs_of, randomize_, reference)
 
 timm = pytest.importorskip('timm')

@@ -356,12 +356,12 @@ def test_a_run_that_trained_nothing_lets_the_retry_in(tmp_path, capsys):
     assert run_main(RUN + ['--epochs', '1', '--output-dir', out]) == 0 and len(log_lines(out)) == 1
 
 
-def test_a_failed_log_append_is_one_paragraph(tmp_path):
+def test_a_failed_log_write_is_one_paragraph(tmp_path):
     (tmp_path / 'log.jsonl').mkdir()                                              # the log replaced by a folder
     ckpt = dict(epoch=1, log=[{'epoch': 0}])
-    with pytest.raises(train.UserError, match=r'could not append epoch 0 .* last.pt is written'):
-        train.write_record(str(tmp_path), ckpt, False, {'epoch': 0}, False)
-    assert (tmp_path / 'last.pt').exists()
+    with pytest.raises(train.UserError, match=r'could not write .*log.jsonl: Is a directory .* --resume auto'):
+        train.write_record(str(tmp_path), ckpt, False, False)
+    assert (tmp_path / 'last.pt').exists() and not [f for f in os.listdir(tmp_path) if '.tmp' in f]
 
 
 def test_the_commands_that_made_a_run_are_kept(tmp_path):
@@ -480,6 +480,6 @@ def test_image_folder_workers_start_with_forkserver(tmp_path):
     cfg = train.resolve_config(train.build_parser().parse_args(DEIT_TINY + ['--data-path', str(tmp_path / 'in')]), 1)
     data, _ = train.load_imagenet(cfg)
     loader = torch.utils.data.DataLoader(data, batch_size=2, sampler=[(0, 1), (1, 2)], num_workers=1,
-                                         multiprocessing_context='forkserver', collate_fn=train._as_batch)
+                                         multiprocessing_context='forkserver', collate_fn=augment._whole_batch)
     (x, y), = list(loader)
     assert x.shape == (2, 3, 16, 16) and y.tolist() == [0, 0]

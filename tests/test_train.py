@@ -17,6 +17,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import augment  # noqa: E402
 import mpvg  # noqa: E402
 import train  # noqa: E402
 
@@ -148,7 +149,7 @@ def test_weight_decay_groups_per_recipe():
 def test_repeated_aug_sampler_properties():
     n = 1000
     for world in (1, 2, 3, 4):
-        per_rank = [train.ra_indices(n, world, r, perm_seed=7) for r in range(world)]
+        per_rank = [augment.ra_indices(n, world, r, perm_seed=7) for r in range(world)]
         assert all(len(p) == (n // 256 * 256) // world == math.floor(n // 256 * 256 / world) for p in per_rank)
         if world >= 3:
             ## the 3 copies of an image land on 3 different ranks, never twice on one rank
@@ -159,13 +160,12 @@ def test_repeated_aug_sampler_properties():
     uncut = [_ra_uncut(n, world, r, 7, total) for r in range(world)]
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(7)).tolist()
     assert all([uncut[r][j] for r in range(3)] == [i, i, i] for j, i in enumerate(perm))
-    assert all(train.ra_indices(n, world, r, 7) == uncut[r][:256] for r in range(world))
+    assert all(augment.ra_indices(n, world, r, 7) == uncut[r][:256] for r in range(world))
     counts = collections.Counter(i for u in uncut for i in u)
     assert set(counts.values()) == {3} and len(counts) == n
     ## deterministic per epoch, different across epochs
-    assert train.ra_indices(n, 2, 0, 7) == train.ra_indices(n, 2, 0, 7) != train.ra_indices(n, 2, 0, 8)
-    cfg = dict(seed=0, global_batch_size=64, per_process_batch_size=32, repeated_aug=True)
-    s = train.EpochSampler(n, cfg, rank=1, world=2)
+    assert augment.ra_indices(n, 2, 0, 7) == augment.ra_indices(n, 2, 0, 7) != augment.ra_indices(n, 2, 0, 8)
+    s = augment.EpochSampler(n, 32, world=2, rank=1, seed=0, repeated=True)
     s.set_epoch(3)
     k1 = list(s)
     s.set_epoch(3)
@@ -181,7 +181,7 @@ def _ra_uncut(n, world, rank, seed, total):
 
 def test_plain_sampler_same_samples_per_step_for_any_world_size():
     n, B = 103, 16
-    one = train.EpochSampler(n, dict(seed=5, global_batch_size=B, per_process_batch_size=B, repeated_aug=False), 0, 1)
+    one = augment.EpochSampler(n, B, seed=5)
     one.set_epoch(2)
     keys1 = list(one)
     assert one.steps == n // B and len(keys1) == one.steps * B
@@ -189,8 +189,7 @@ def test_plain_sampler_same_samples_per_step_for_any_world_size():
         b = B // world
         ranks = []
         for r in range(world):
-            s = train.EpochSampler(n, dict(seed=5, global_batch_size=B, per_process_batch_size=b,
-                                           repeated_aug=False), r, world)
+            s = augment.EpochSampler(n, b, world, r, seed=5)
             s.set_epoch(2)
             ranks.append(list(s))
         for step in range(one.steps):
@@ -205,7 +204,7 @@ def test_plain_sampler_same_samples_per_step_for_any_world_size():
 def test_eval_sharding_counts_each_sample_once():
     for n in (1, 7, 25, 50):
         for world in (1, 2, 3, 4, 8):
-            shards = [train.eval_indices(n, world, r) for r in range(world)]
+            shards = [augment.eval_indices(n, world, r) for r in range(world)]
             assert sorted(i for s in shards for i in s) == list(range(n))
 
 
