@@ -57,7 +57,8 @@ __all__ = ["PEConfig", "PE_PRESETS", "PE_KNOBS", "ViTConfig", "MODELS", "VisionT
 
 
 # ----------------------------------------------------------------------------------------------------
-# The switch: five presets of five orthogonal knobs (PAPER.md §2)
+# The switch: five presets of five orthogonal knobs (the paper's Fig. 3a-d, and Fig. 5a for `gap`; the
+# ablations of its Tables 5-6, Fig. 1 and Fig. 5b are other values of the same knobs)
 # ----------------------------------------------------------------------------------------------------
 
 POOLS = ("cls", "gap")
@@ -110,7 +111,8 @@ PE_KNOBS = tuple(f.name for f in dataclasses.fields(PEConfig))
 
 
 # ----------------------------------------------------------------------------------------------------
-# Model configurations (PAPER.md §3)
+# Model configurations: the backbones of the paper's Table 1 (DeiT-Ti/S/B, ImageNet-1K) and Table 2
+# (ViT-Lite-7/4, CIFAR-100), with the sizes and init of their official code (timm's DeiT, Compact-Transformers)
 # ----------------------------------------------------------------------------------------------------
 
 FAMILIES = ("deit", "cct")
@@ -135,6 +137,8 @@ class ViTConfig:
     pe: PEConfig = dataclasses.field(default_factory=lambda: PE_PRESETS["mpvg"])
 
 
+## Exact parameter counts of vit / lape / pvg / mpvg (the paper's tables print them rounded), e.g. DeiT-Ti
+## 5,717,416 / 5,722,024 / 5,721,256 / 5,721,640: all four models in the README; tests/test_mpvg.py checks them.
 MODELS: dict[str, dict] = {
     ## Compact-Transformers `vit_7_4_32` (SHI-Labs): 32x32 CIFAR images, 4x4 patches -> 64 tokens.
     "vit_lite_7_4": dict(img_size=32, patch_size=4, num_classes=100, embed_dim=256, depth=7, num_heads=4,

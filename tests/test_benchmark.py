@@ -42,7 +42,7 @@ def test_quick_run_prints_the_table():
     assert out.returncode == 0, out.stderr
     rows = [line.split('|')[1:-1] for line in out.stdout.splitlines() if line.startswith('| vit_lite_7_4')]
     assert [r[1].strip() for r in rows] == ['vit', 'mpvg']
-    assert rows[0][3].strip() == '3.740M' and rows[1][3].strip() == '3.743M'   # PAPER.md §3 counts, rounded
+    assert rows[0][3].strip() == '3.740M' and rows[1][3].strip() == '3.743M'   # 3,740,004 and 3,743,076 (README), rounded
     assert rows[0][7].strip() == '1.00'                                          # vit against itself
     assert float(rows[1][4].replace(',', '')) > 0                                # a throughput was measured
     assert '**Command:** `python benchmark.py --quick' in out.stdout

@@ -2,13 +2,15 @@
 
 Every expected value here is an independent statement, never a number produced by mpvg.py and pasted back:
 
-- parameter counts come from the table in PAPER.md §3;
-- logits are recomputed by `reference_forward` below, a plain loop over layers written from the equations of
-  PAPER.md §1-§3 with F.layer_norm / F.linear / an explicit softmax, reading only the model's *weights*
+- parameter counts are the exact counts of the paper's models, derived from their official code (timm's DeiT,
+  Compact-Transformers' `vit_7_4_32`, LaPE's one `pe_norm` per block); the paper's Tables 1-2 print them rounded
+  (e.g. ViT-Lite-7/4: 3.740 / 3.744 / 3.742 / 3.743 M for vit / lape / pvg / mpvg);
+- logits are recomputed by `reference_forward` below, a plain loop over layers written from the paper's
+  Eqs. (1)-(11) and Fig. 3, with the layers of the official code, with F.layer_norm / F.linear / an explicit softmax, reading only the model's *weights*
   (its state dict), never calling the model's modules;
 - timm's `deit_tiny_patch16_224` is an outside implementation of the `vit` preset;
-- the MPVG inference identity (PAPER.md §1, "Insight worth teaching") is checked against a PVG model
-  whose head bias we shift by hand.
+- the MPVG inference identity (ours, not the paper's: under GAP the Last-LN PE term of Eq. (11) is an
+  input-independent bias) is checked against a PVG model whose head bias we shift by hand.
 
 Before any logits comparison every LayerNorm (LN_l, LN''_l, the Last LN and every PE norm LN'_l) gets its own
 random weight and bias, so a LayerNorm that is shared, misplaced, skipped or fed the wrong input changes the
@@ -43,12 +45,13 @@ import mpvg  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The facts from PAPER.md, written down independently of mpvg.py
+# The facts from the paper and the official code, written down independently of mpvg.py
 # ---------------------------------------------------------------------------------------------------------------
 
 KNOBS = ('pool', 'pe_at_input', 'layerwise_from', 'hierarchical', 'last_ln_pe')
 
-# PAPER.md §2 table (and API.md): each preset is a value of the five orthogonal knobs.
+# Each preset is a value of the five orthogonal knobs (the README's table): where the PE enters in the paper's
+# Fig. 3a-d (vit, lape, pvg, mpvg) and Fig. 5a (gap: GAP only).
 PRESETS = {
     'vit':  dict(pool='cls', pe_at_input=True,  layerwise_from=None, hierarchical=True, last_ln_pe=None),
     'gap':  dict(pool='gap', pe_at_input=True,  layerwise_from=None, hierarchical=True, last_ln_pe=None),
@@ -57,11 +60,14 @@ PRESETS = {
     'mpvg': dict(pool='gap', pe_at_input=True,  layerwise_from=1,    hierarchical=True, last_ln_pe=0),
 }
 
-# PAPER.md §3: block family and LayerNorm eps of each model.
+# Block family and LayerNorm eps of each model: timm's DeiT (pre-norm, 1e-6); Compact-Transformers' ViT-Lite
+# layer (x + attn(pre_norm(x)), then norm1 of the residual stream, then x + mlp(x); 1e-5).
 FAMILY = {'vit_lite_7_4': 'cct', 'deit_tiny': 'prenorm', 'deit_small': 'prenorm', 'deit_base': 'prenorm'}
 LN_EPS = {'cct': 1e-5, 'prenorm': 1e-6}
 
-# PAPER.md §3 "Exact parameter counts".
+# Exact parameter counts (the paper's Tables 1-2 print them rounded: 3.740/3.744/3.742/3.743 M for ViT-Lite,
+# 5.717/5.721/5.721/5.721 M for DeiT-Ti, 22.050/22.059/22.058/22.059 M for DeiT-S, 86.567/86.586/86.583/86.584 M
+# for DeiT-B).
 PARAM_COUNTS = {
     'vit_lite_7_4': {'vit': 3_740_004, 'lape': 3_743_588, 'pvg': 3_742_564, 'mpvg': 3_743_076},
     'deit_tiny':    {'vit': 5_717_416, 'lape': 5_722_024, 'pvg': 5_721_256, 'mpvg': 5_721_640},
@@ -144,7 +150,7 @@ def images(name, batch=2, seed=1):
 
 
 def expected_pe_norms(knobs, depth):
-    """Names of the PE LayerNorm modules a model with these knobs must have (PAPER.md §1-§3, LaPE's layout)."""
+    """Names of the PE LayerNorm modules a model with these knobs must have (Eqs. (6)-(11), LaPE's layout)."""
     names = []
     if knobs['layerwise_from'] is not None:
         names += [f'blocks.{l}.pe_norm' for l in range(knobs['layerwise_from'], depth)]
@@ -154,14 +160,14 @@ def expected_pe_norms(knobs, depth):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The reference forward pass, from the equations of PAPER.md §1 (numbers in the comments) and §3
+# The reference forward pass, from the paper's Eqs. (1)-(11) (numbers in the comments) and the official layers
 # ---------------------------------------------------------------------------------------------------------------
 
 def reference_forward(sd, x, *, family, num_heads, patch_size, depth, knobs, pe_norm_key=None):
     """Recompute the logits from the equations, using only the tensors of the state dict `sd`.
 
-    family: 'prenorm' (DeiT, Eqs. 2-3) or 'cct' (ViT-Lite layer, PAPER.md §3).
-    knobs:  the five PE knobs (PAPER.md §2).
+    family: 'prenorm' (DeiT, Eqs. 2-3) or 'cct' (Compact-Transformers' ViT-Lite layer).
+    knobs:  the five PE knobs (PRESETS above).
     pe_norm_key: layer l -> state-dict prefix of the PE LayerNorm LN'_l (default 'blocks.<l>.pe_norm');
                  the negative checks pass a wrong mapping.
     Returns dict(logits, tokens=[LN_l(x_l)], pe=[PE added in layer l or None], last=LN(x_{L+1}), y).
@@ -278,7 +284,7 @@ def test_structure_follows_knobs(name, case):
 
 
 def test_initialisation_follows_paper():
-    """PAPER.md §3: DeiT PE std 0.02; ViT-Lite class token zeros, PE std 0.2, LayerNorms 1/0, Linear biases 0."""
+    """The official inits: DeiT (timm) PE std 0.02; ViT-Lite (Compact-Transformers) class token zeros, PE std 0.2, LayerNorms 1/0, Linear biases 0."""
     torch.manual_seed(0)
     deit = mpvg.create_model('deit_tiny', pe='vit')
     lite = mpvg.create_model('vit_lite_7_4', pe='vit')
@@ -750,7 +756,7 @@ def test_make_config_then_vision_transformer_is_create_model(name, case):
 
 
 def test_make_config_of_deit_base_allocates_nothing(no_modules):
-    # PAPER.md §3: DeiT-B is patch 16 at 224², D 768, depth 12, 12 heads, MLP ratio 4, LayerNorm eps 1e-6
+    # timm's deit_base_patch16_224: DeiT-B is patch 16 at 224², D 768, depth 12, 12 heads, MLP ratio 4, LayerNorm eps 1e-6
     cfg = mpvg.make_config('deit_base', pe='mpvg')
     assert isinstance(cfg, mpvg.ViTConfig)
     assert (cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio, cfg.norm_eps) \

@@ -67,7 +67,8 @@ def cfg_for(argv, world=1):
 def test_every_epochs_lr_is_what_the_official_script_gives(model):
     """timm's CosineLRScheduler driven as each official script drives it, the lr read at the start of every epoch:
     timm's train.py (Compact-Transformers) steps it with epoch + 1 after each epoch; DeiT / LaPE's main.py with
-    epoch. Also the closed form of PAPER.md section 4."""
+    epoch. Also the closed form with the values of the paper's Table 7: a linear warm-up from 1e-6, then
+    1e-5 + (lr - 1e-5)(1 + cos(pi e / 300)) / 2, then (ViT-Lite) 10 cool-down epochs at 1e-5."""
     from timm.scheduler import CosineLRScheduler
     cfg = cfg_for(['--model', model])
     p = torch.nn.Parameter(torch.zeros(1))
@@ -227,7 +228,7 @@ def test_resume_gives_the_same_weights_and_log(tmp_path, capsys):
     oa = torch.load(a / 'last.pt', weights_only=True)['optimizer']['state']
     ob = torch.load(b / 'last.pt', weights_only=True)['optimizer']['state']
     assert all(torch.equal(oa[k]['exp_avg'], ob[k]['exp_avg']) for k in oa)
-    ## a checkpoint rebuilds the model from its config alone (API.md)
+    ## a checkpoint rebuilds the model from its config alone (the README's recipe, under *Outputs and resuming*)
     ck = torch.load(a / 'best.pt', weights_only=True)
     m = mpvg.create_model(ck['config']['model'], pe=ck['config']['pe'], **ck['config']['model_kwargs'])
     m.load_state_dict(ck['model'])
