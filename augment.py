@@ -33,9 +33,10 @@ interpolation, at 32 and 224 pixels; where they may differ, the function says so
 
 Feeding it: `EpochSampler` says which images each step of an epoch takes on each process (DeiT's repeated
 augmentation included) and with which crop seed, `batches` turns a dataset into a process's uint8 batches on the
-device (an in-memory set sliced on the device; an image folder decoded and cropped by `FolderCrops` in DataLoader
-workers), and `derive_seed` makes every draw a pure function of (seed, epoch, step or position, rank): that is what
-lets an interrupted run resume exactly.
+device (an in-memory set such as CIFAR-100's, fetched by `fetch_cifar100` and read by `read_cifar100` without
+running code, sliced on the device; an image folder decoded and cropped by `FolderCrops` in DataLoader workers),
+and `derive_seed` makes every draw a pure function of (seed, epoch, step or position, rank): that is what lets an
+interrupted run resume exactly.
 
 Sections: host-to-device transfer; RandAugment's vocabulary and draws (host); boxes (host); resizing (Pillow in
 workers, matrices on batches; FolderCrops); the three kinds of RandAugment ops (device); mixing, erasing,
@@ -46,8 +47,11 @@ import contextlib
 import hashlib
 import math
 import os
+import pickle
 import re
+import shutil
 import signal
+import time
 
 import PIL.Image
 import torch
@@ -750,6 +754,60 @@ class Augment:
 
 # ----------------------------------------------------------------------------------------------------------------
 # feeding it: which images each step takes (and with which crop seed), and how they reach the device
+
+CIFAR100_URL = 'https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz'
+CIFAR100_MD5 = 'eb9058c3a382ffc7106e4002c42a8d85'
+
+
+def fetch_cifar100(root, local_rank=0):
+    """CIFAR-100's python version under root/cifar-100-python, downloaded if missing: by local rank 0, extracted
+    aside and moved in whole, while the node's other processes wait up to an hour for it to appear (call it before
+    any collective, whose timeout a slow download would exceed). OSError if the download fails (offline, proxy, disk
+    full...), TimeoutError if the wait does."""
+    folder = os.path.join(root, 'cifar-100-python')
+    if os.path.isdir(folder):
+        return
+    if local_rank == 0:
+        tmp = os.path.join(root, f'.cifar-100-download-{os.getpid()}')
+        try:
+            torchvision.datasets.utils.download_and_extract_archive(CIFAR100_URL, tmp, md5=CIFAR100_MD5)
+            os.replace(os.path.join(tmp, 'cifar-100-python'), folder)
+        except Exception as e:
+            raise OSError(f'CIFAR-100 is not at {folder} and the download failed ({type(e).__name__}: {e})') from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    deadline = time.time() + 3600
+    while not os.path.isdir(folder):
+        if time.time() > deadline:
+            raise TimeoutError(f'waited an hour for local rank 0 to download CIFAR-100 into {folder} (see its message)')
+        time.sleep(1)
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """CIFAR-100's python files are pickles: unpickling runs whatever a file names. This one admits only what those
+    files hold (dicts, lists, bytes, ints and numpy arrays), so a crafted file is an error, not code run."""
+    ALLOWED = {('numpy', 'ndarray'), ('numpy', 'dtype'), ('numpy.core.multiarray', '_reconstruct'),
+               ('numpy._core.multiarray', '_reconstruct'), ('numpy.core.multiarray', 'scalar'),
+               ('numpy._core.multiarray', 'scalar'), ('numpy.core.numeric', '_frombuffer'),
+               ('numpy._core.numeric', '_frombuffer'), ('_codecs', 'encode')}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f'it names {module}.{name}, which a CIFAR-100 file does not hold')
+        return super().find_class(module, name)
+
+
+def read_cifar100(path):
+    """A file of CIFAR-100's python version (train or test) -> uint8 images (n, 3, 32, 32), fine labels (n,): the
+    in-memory set MemoryBatches slices. ValueError (or the unpickler's error) says what is wrong with it."""
+    with open(path, 'rb') as f:
+        d = CifarUnpickler(f, encoding='bytes').load()
+    images = torch.as_tensor(d[b'data'], dtype=torch.uint8).view(-1, 3, 32, 32)        # (n, 3072) -> (n, 3, 32, 32)
+    labels = torch.as_tensor(d[b'fine_labels'], dtype=torch.long)
+    if len(labels) != len(images) or not 0 <= labels.min() <= labels.max() < 100:
+        raise ValueError(f'{len(images)} images, {len(labels)} labels in [{labels.min()}, {labels.max()}]')
+    return images, labels
+
 
 def derive_seed(*keys):
     """A 63-bit seed that is a pure function of the keys (seed, epoch, step or sample position, rank, ...): seeding

@@ -11,12 +11,12 @@ Under torchrun (RANK / WORLD_SIZE / LOCAL_RANK set) it runs DistributedDataParal
 --global-batch-size is the batch of ONE optimizer step summed over all processes (each gets global / world_size).
 Data: an in-memory set (CIFAR-100, synthetic) lives on the training device as uint8; an ImageFolder (ImageNet) is
 decoded and randomly cropped per image in DataLoader workers; the rest of the recipe's augmentation runs on whole
-batches on the training device, each op written once, as Pillow computes it. Every random draw is a pure function
-of (seed, epoch, step or sample position, rank): that makes --resume exact.
+batches on the training device, each op written once, as Pillow computes it (all of it in augment.py). Every random
+draw is a pure function of (seed, epoch, step or sample position, rank): that makes --resume exact.
 
-Sections: config/CLI + input checks, provenance, data, augmentation, schedule/optimizer, DDP helpers, run folder,
-train/eval loop, main. `##` comments teach; `#` comments are functional; `# deviation:` marks every departure from
-the official code.
+Sections: config/CLI + input checks, data, loss/schedule/optimizer, DDP helpers, run folder (provenance,
+checkpoints), train/eval loop, main. `##` comments teach; `#` comments are functional; `# deviation:` marks every
+departure from the official code.
 """
 import argparse
 import contextlib
@@ -29,11 +29,10 @@ import json
 import math
 import multiprocessing
 import os
-import pickle
+import pathlib
 import platform
 import re
 import shlex
-import shutil
 import signal
 import socket
 import subprocess
@@ -81,10 +80,8 @@ DATASETS = {
     'imagenet': dict(num_classes=1000, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
     'synthetic': dict(num_classes=10, mean=(0.25, 0.25, 0.25), std=(0.25, 0.25, 0.25)),
 }
-CIFAR100_URL = 'https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz'
-CIFAR100_MD5 = 'eb9058c3a382ffc7106e4002c42a8d85'
-GET_CIFAR = ('mkdir -p {root} && curl -L ' + CIFAR100_URL + ' | tar xz -C {root}, or train offline on generated data '
-             'with --data synthetic')
+GET_CIFAR = ('mkdir -p {root} && curl -L ' + augment.CIFAR100_URL + ' | tar xz -C {root}, or train offline on '
+             'generated data with --data synthetic')
 IMAGENET_LAYOUT = ('Expected ImageNet-1K as ImageFolders {root}/train/<class>/<image> and {root}/val/<class>/<image>; '
                    'it cannot be downloaded automatically: get ILSVRC2012 from https://image-net.org.')
 
@@ -194,38 +191,30 @@ def build_parser():
     return p
 
 
-## Every flag's valid values, in one table, checked on the resolved config before any work: (config key,
-## valid(value, cfg), what is valid). NaN fails every comparison; math.isfinite is there for unbounded ones (inf).
+## Every flag's valid values, in one table, checked on the resolved config before any work: (config keys,
+## valid(value), what is valid). NaN fails every comparison; math.isfinite is there for unbounded ones (inf).
 ## Only what cannot run is refused: a warm-up longer than the run, or an lr below --min-lr (DeiT's rule scales a
 ## small batch's lr down), runs as timm's scheduler runs it.
 CHECKS = [
-    ('epochs', lambda v, c: v >= 1, 'an int >= 1'),
-    ('cooldown_epochs', lambda v, c: v >= 0, 'an int >= 0'),
-    ('warmup_epochs', lambda v, c: v >= 0, 'an int >= 0'),
-    ('global_batch_size', lambda v, c: v >= 1, 'an int >= 1'),
-    ('lr', lambda v, c: math.isfinite(v) and v > 0, 'a finite number > 0'),
-    ('min_lr', lambda v, c: math.isfinite(v) and v >= 0, 'a finite number >= 0'),
-    ('warmup_lr', lambda v, c: math.isfinite(v) and v >= 0, 'a finite number >= 0'),
-    ('num_classes', lambda v, c: v is None or v >= 1, 'an int >= 1'),
-    ('weight_decay', lambda v, c: math.isfinite(v) and v >= 0, 'a finite number >= 0'),
-    ('smoothing', lambda v, c: 0 <= v < 1, 'a number in [0, 1)'),
-    ('mixup', lambda v, c: math.isfinite(v) and v >= 0, 'an alpha >= 0 (0 = off)'),
-    ('cutmix', lambda v, c: math.isfinite(v) and v >= 0, 'an alpha >= 0 (0 = off)'),
-    ('reprob', lambda v, c: 0 <= v <= 1, 'a probability in [0, 1]'),
-    ('hflip', lambda v, c: 0 <= v <= 1, 'a probability in [0, 1]'),
-    ('rrc_scale', lambda v, c: 0 < v[0] <= v[1] <= 1, 'two numbers 0 < min <= max <= 1'),
-    ('eval_crop_pct', lambda v, c: 0 < v <= 1, 'a fraction in (0, 1]'),
-    ('synthetic_size', lambda v, c: v >= 1, 'an int >= 1'),
-    ('workers', lambda v, c: v is None or 0 <= v <= CPUS, f'an int in [0, {CPUS}] (the CPUs of this machine)'),
-    ('log_interval', lambda v, c: v >= 1, 'an int >= 1'),
-    ('seed', lambda v, c: 0 <= v < 2 ** 63, 'an int in [0, 2**63)'),
+    (('epochs', 'global_batch_size', 'synthetic_size', 'log_interval'), lambda v: v >= 1, 'an int >= 1'),
+    (('cooldown_epochs', 'warmup_epochs'), lambda v: v >= 0, 'an int >= 0'),
+    (('num_classes',), lambda v: v is None or v >= 1, 'an int >= 1'),
+    (('lr',), lambda v: math.isfinite(v) and v > 0, 'a finite number > 0'),
+    (('min_lr', 'warmup_lr', 'weight_decay'), lambda v: math.isfinite(v) and v >= 0, 'a finite number >= 0'),
+    (('mixup', 'cutmix'), lambda v: math.isfinite(v) and v >= 0, 'an alpha >= 0 (0 = off)'),
+    (('smoothing',), lambda v: 0 <= v < 1, 'a number in [0, 1)'),
+    (('reprob', 'hflip'), lambda v: 0 <= v <= 1, 'a probability in [0, 1]'),
+    (('rrc_scale',), lambda v: 0 < v[0] <= v[1] <= 1, 'two numbers 0 < min <= max <= 1'),
+    (('eval_crop_pct',), lambda v: 0 < v <= 1, 'a fraction in (0, 1]'),
+    (('workers',), lambda v: v is None or 0 <= v <= CPUS, f'an int in [0, {CPUS}] (the CPUs of this machine)'),
+    (('seed',), lambda v: 0 <= v < 2 ** 63, 'an int in [0, 2**63)'),
 ]
 
 
-def check_values(cfg, keys):
-    """CHECKS on these keys of a config: one UserError naming every invalid value and what is valid."""
-    bad = [f'{flag(k)} {show(cfg[k])} is invalid: must be {what}' for k, ok, what in CHECKS
-           if k in keys and not ok(cfg[k], cfg)]
+def check_values(cfg, keys=None):
+    """CHECKS on these keys of a config (all by default): one UserError naming each invalid value and what is valid."""
+    bad = [f'{flag(k)} {show(cfg[k])} is invalid: must be {what}' for ks, ok, what in CHECKS for k in ks
+           if (keys is None or k in keys) and not ok(cfg[k])]
     if bad:
         raise UserError('; '.join(bad) + '.')
 
@@ -245,7 +234,7 @@ def resolve_config(args, world_size):
         augment.parse_randaug(cfg['randaug'])
     except ValueError as e:
         raise UserError(f'{e}.') from None
-    check_values(cfg, [k for k, _, _ in CHECKS])
+    check_values(cfg)
     B = cfg['global_batch_size']
     if B % world_size:
         raise UserError(f'--global-batch-size {B} cannot be split over the {world_size} processes of this run '
@@ -288,34 +277,7 @@ def check_paths(cfg, args):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# provenance: what made this run
-
-def provenance(argv, world):
-    """Code (git commit, dirty tree, source hashes), command, library versions, hosts and devices of all ranks."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    git = lambda *a: subprocess.run(['git', '-C', here, *a], capture_output=True, text=True, timeout=20).stdout.strip()
-    try:
-        commit, dirty = git('rev-parse', 'HEAD') or None, bool(git('status', '--porcelain', '--untracked-files=no'))
-    except (OSError, subprocess.SubprocessError):  # no git on this machine
-        commit, dirty = None, None
-    cuda = torch.cuda.is_available()
-    ranks = [dict(host=socket.gethostname(), device=torch.cuda.get_device_name() if cuda else platform.machine())]
-    if world > 1:
-        ranks = ranks * world
-        dist.all_gather_object(ranks, ranks[0])
-    sha = {}
-    for name in ('train.py', 'mpvg.py'):
-        with open(os.path.join(here, name), 'rb') as f:
-            sha[name] = hashlib.sha256(f.read()).hexdigest()[:16]
-    return dict(command='python train.py ' + shlex.join(argv), git_commit=commit, git_dirty=dirty if commit else None,
-                source_sha256=sha, python=platform.python_version(),
-                torch=str(torch.__version__), torchvision=str(torchvision.__version__),
-                cuda=torch.version.cuda if cuda else None, cudnn=torch.backends.cudnn.version() if cuda else None,
-                world_size=world, hosts=sorted({r['host'] for r in ranks}), devices=[r['device'] for r in ranks])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# data: datasets, samplers, loaders
+# data: the datasets; augment.py batches and augments them (samplers, loaders, the recipe's augmentation)
 
 def folder_classes(root):
     """The classes of an image folder: its train/ class folders, which val/ must match (a cheap listing)."""
@@ -329,61 +291,18 @@ def folder_classes(root):
     return classes[0]
 
 
-def fetch_cifar100(root, local_rank):
-    """CIFAR-100's python version under root, downloaded if missing: by local rank 0, extracted aside and moved in
-    whole, while the node's other processes wait for it to appear (before any collective, whose timeout a slow
-    download would exceed)."""
-    folder = os.path.join(root, 'cifar-100-python')
-    if os.path.isdir(folder):
-        return
-    if local_rank == 0:
-        tmp = os.path.join(root, f'.cifar-100-download-{os.getpid()}')
-        try:
-            torchvision.datasets.utils.download_and_extract_archive(CIFAR100_URL, tmp, md5=CIFAR100_MD5)
-            os.replace(os.path.join(tmp, 'cifar-100-python'), folder)
-        except Exception as e:  # offline, proxy, disk full...
-            raise UserError(f'CIFAR-100 is not at {folder} and the download failed ({type(e).__name__}: {e}). Get '
-                            f'it with: {GET_CIFAR.format(root=root)}.') from None
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    deadline = time.time() + 3600
-    while not os.path.isdir(folder):
-        if time.time() > deadline:
-            raise UserError(f'waited an hour for local rank 0 to download CIFAR-100 into {folder}; see its message.')
-        time.sleep(1)
-
-
-class CifarUnpickler(pickle.Unpickler):
-    """CIFAR-100's python files are pickles: unpickling runs whatever a file names. This one admits only what those
-    files hold (dicts, lists, bytes, ints and numpy arrays), so a crafted file is an error, not code run."""
-    ALLOWED = {('numpy', 'ndarray'), ('numpy', 'dtype'), ('numpy.core.multiarray', '_reconstruct'),
-               ('numpy._core.multiarray', '_reconstruct'), ('numpy.core.multiarray', 'scalar'),
-               ('numpy._core.multiarray', 'scalar'), ('numpy.core.numeric', '_frombuffer'),
-               ('numpy._core.numeric', '_frombuffer'), ('_codecs', 'encode')}
-
-    def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f'it names {module}.{name}, which a CIFAR-100 file does not hold')
-        return super().find_class(module, name)
-
-
 def load_cifar100(root):
+    """CIFAR-100's train and test sets in memory (augment.read_cifar100 reads a file without running code)."""
     folder = os.path.join(root, 'cifar-100-python')
     how = (f'Expected the official CIFAR-100 python version at {folder}/{{train,test,meta}}: point --data-path at the '
            f'folder holding cifar-100-python/, or {GET_CIFAR.format(root=root)}.')
     out = []
     for f in (os.path.join(folder, s) for s in ('train', 'test')):
         try:
-            with open(f, 'rb') as fh:
-                d = CifarUnpickler(fh, encoding='bytes').load()
-            images = torch.as_tensor(d[b'data'], dtype=torch.uint8).view(-1, 3, 32, 32)  # (n, 3072) -> (n, 3, 32, 32)
-            labels = torch.as_tensor(d[b'fine_labels'], dtype=torch.long)
-            if len(labels) != len(images) or not 0 <= labels.min() <= labels.max() < 100:
-                raise ValueError(f'{len(images)} images, {len(labels)} labels in [{labels.min()}, {labels.max()}]')
+            out.append(torch.utils.data.TensorDataset(*augment.read_cifar100(f)))
         except Exception as e:
             raise UserError(f'{f} is not a valid CIFAR-100 python file ({type(e).__name__}: {e}): expected a pickled '
                             f'dict with b"data" (n, 3072) uint8 and b"fine_labels" (n ints in 0..99). {how}')
-        out.append(torch.utils.data.TensorDataset(images, labels))
     return out
 
 
@@ -429,9 +348,6 @@ def make_loader(data, cfg, device, sampler=None, indices=None):
     return augment.batches(data, cfg['per_process_batch_size'], device, sampler, indices, workers)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# augmentation: the recipe's, from augment.py (whole batches on the training device)
-
 def make_augment(cfg, in_memory):
     """The recipe's augmentation for this run's data: in-memory sets are cropped on the device, image folders in
     their DataLoader workers (augment.FolderCrops)."""
@@ -443,13 +359,13 @@ def make_augment(cfg, in_memory):
                            mix_first=cfg['mix_first'])
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# loss, schedule, optimizer
+
 def soft_cross_entropy(logits, target):
     """timm SoftTargetCrossEntropy: mean over the batch of -sum_k t_k log softmax(z)_k."""
     return torch.sum(-target * nnF.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# schedule / optimizer
 
 def lr_at(epoch, cfg):
     """Epoch `epoch`'s lr: timm's CosineLRScheduler at t = max(epoch - lr_epoch_lag, 0), as the recipe's script
@@ -520,7 +436,29 @@ class Stopped(Exception):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# run folder: lock, atomic writes, checkpoints
+# run folder: what made the run, lock, atomic writes, checkpoints
+
+def provenance(argv, world):
+    """Code (git commit, dirty tree, source hashes), command, library versions, hosts and devices of all ranks."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    git = lambda *a: subprocess.run(['git', '-C', here, *a], capture_output=True, text=True, timeout=20).stdout.strip()
+    try:
+        commit, dirty = git('rev-parse', 'HEAD') or None, bool(git('status', '--porcelain', '--untracked-files=no'))
+    except (OSError, subprocess.SubprocessError):  # no git on this machine
+        commit, dirty = None, None
+    cuda = torch.cuda.is_available()
+    ranks = [dict(host=socket.gethostname(), device=torch.cuda.get_device_name() if cuda else platform.machine())]
+    if world > 1:
+        ranks = ranks * world
+        dist.all_gather_object(ranks, ranks[0])
+    sha = {name: hashlib.sha256(pathlib.Path(here, name).read_bytes()).hexdigest()[:16]
+           for name in ('train.py', 'mpvg.py', 'augment.py')}
+    return dict(command='python train.py ' + shlex.join(argv), git_commit=commit, git_dirty=dirty if commit else None,
+                source_sha256=sha, python=platform.python_version(),
+                torch=str(torch.__version__), torchvision=str(torchvision.__version__),
+                cuda=torch.version.cuda if cuda else None, cudnn=torch.backends.cudnn.version() if cuda else None,
+                world_size=world, hosts=sorted({r['host'] for r in ranks}), devices=[r['device'] for r in ranks])
+
 
 ## A run's record is consistent at every instant: every file is written atomically; last.pt is the commit point
 ## and holds the log lines of every finished epoch too. After a kill anywhere, --resume auto rewrites log.jsonl from
@@ -563,8 +501,7 @@ def write_record(out, ckpt, improved, replacing):
         atomic_write(os.path.join(out, 'best.pt'), data)
     if replacing:
         for name in ('summary.json',) if improved else ('summary.json', 'best.pt'):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(out, name))
+            pathlib.Path(out, name).unlink(missing_ok=True)
         atomic_write(os.path.join(out, 'config.json'), json_bytes(ckpt['config']))
     atomic_write(os.path.join(out, 'log.jsonl'), log_bytes(ckpt))
 
@@ -582,12 +519,16 @@ def folder_state(out):
     return present, trained
 
 
-def claim_run_folder(cfg, args, resume, rank, device):
-    """Rank 0 flocks <out>/train.lock for the run's life (the kernel drops it when the process dies: a killed run's
-    lock does not block a resume) and checks the folder: a run that trained there is continued (--resume), replaced
-    (--overwrite: its files stay until this run's first checkpoint) or refused; what a run that trained nothing
-    left (a config.json), and files a kill left half-written, are removed. -> (lock fd, replacing an old run)."""
-    fd, error, out, replacing = None, None, cfg['output_dir'], False
+@contextlib.contextmanager
+def run_folder(cfg, args, resume, rank, device):
+    """The run folder, held for the run's life: rank 0 flocks <out>/train.lock (the kernel drops it when the process
+    dies: a killed run's lock does not block a resume) and checks the folder: a run that trained there is continued
+    (--resume), replaced (--overwrite: its files stay until this run's first checkpoint) or refused; what a run that
+    trained nothing left (a config.json), and files a kill left half-written, are removed. Yields whether this run
+    replaces an old one. A run that ends before its first checkpoint leaves nothing: its config.json and lock go,
+    and the folder if this run made it and it is empty."""
+    out = cfg['output_dir']
+    fd, error, replacing, made = None, None, False, not os.path.exists(out)
     try:
         if rank == 0:
             os.makedirs(out, exist_ok=True)
@@ -619,20 +560,17 @@ def claim_run_folder(cfg, args, resume, rank, device):
         fd, error = None, e
     if all_reduce(torch.tensor(int(error is not None), device=device), dist.ReduceOp.MAX).item():  # any rank failed
         raise error or UserError('rank 0 could not claim the run folder (see its message)')
-    return fd, replacing
-
-
-def release_run_folder(out, lock, made):
-    """A run that ends before its first checkpoint leaves nothing: its config.json and lock go, and the folder if
-    this run made it and it is empty."""
-    if not folder_state(out)[1]:
-        for name in ('config.json', 'train.lock'):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(out, name))
-        if made:
-            with contextlib.suppress(OSError):
-                os.rmdir(out)
-    os.close(lock)
+    try:
+        yield replacing
+    finally:
+        if fd is not None:
+            if not folder_state(out)[1]:  # nothing trained: nothing left
+                for name in ('config.json', 'train.lock'):
+                    pathlib.Path(out, name).unlink(missing_ok=True)
+                if made:
+                    with contextlib.suppress(OSError):
+                        os.rmdir(out)
+            os.close(fd)
 
 
 def load_checkpoint(path):
@@ -715,8 +653,7 @@ def reconcile_record(out, ckpt):
     atomic_write(os.path.join(out, 'log.jsonl'), log_bytes(ckpt))
     ok = best_pt_is_current(out, ckpt)
     if not ok and ckpt['epoch'] == ckpt['best_epoch'] + 1 and ckpt['step'] == 0:  # the best is the last epoch
-        with open(os.path.join(out, 'last.pt'), 'rb') as f:
-            atomic_write(os.path.join(out, 'best.pt'), f.read())
+        atomic_write(os.path.join(out, 'best.pt'), pathlib.Path(out, 'last.pt').read_bytes())
     elif not ok:
         print(f'warning: {out}/best.pt does not hold the best epoch {ckpt["best_epoch"]} (cannot rebuild it)',
               file=sys.stderr)
@@ -883,17 +820,13 @@ def finished(args, cfg, resume, ckpt):
     record is whole: summary.json, written last, is there, and log.jsonl holds every line. (Else a kill left the
     record behind last.pt: the run resumes as any other, which completes it.) More epochs (--epochs 400
     --allow-change epochs) is not finished: the run trains on."""
-    ours = is_own(resume, cfg['output_dir'])
-    if not (ckpt is not None and ours and not (args.overwrite or args.eval_only) and ckpt['step'] == 0
-            and ckpt['epoch'] >= cfg['total_epochs']):
+    if not (ckpt is not None and is_own(resume, cfg['output_dir']) and not (args.overwrite or args.eval_only)
+            and ckpt['step'] == 0 and ckpt['epoch'] >= cfg['total_epochs']):
         return False
-    want = {'summary.json': summary_json(ckpt['config'], ckpt['log'], ckpt['best_epoch']), 'log.jsonl': log_bytes(ckpt)}
+    read = lambda name: pathlib.Path(cfg['output_dir'], name).read_bytes()
     try:
-        for name, data in want.items():
-            with open(os.path.join(cfg['output_dir'], name), 'rb') as f:
-                if f.read() != data:
-                    return False
-        return True
+        return (read('summary.json') == summary_json(ckpt['config'], ckpt['log'], ckpt['best_epoch'])
+                and read('log.jsonl') == log_bytes(ckpt))
     except OSError:
         return False
 
@@ -944,7 +877,10 @@ def run(argv):
         return
     device = pick_device(local_rank, int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
     if cfg['data'] == 'cifar100':  # before any collective: a slow download must not time the others out
-        fetch_cifar100(cfg['data_path'], local_rank)
+        try:
+            augment.fetch_cifar100(cfg['data_path'], local_rank)
+        except (OSError, TimeoutError) as e:
+            raise UserError(f'{e}. Get it with: {GET_CIFAR.format(root=cfg["data_path"])}.') from None
     if device.type == 'cuda':
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 for the fp32 parts
@@ -954,10 +890,9 @@ def run(argv):
     # deviation: bf16 autocast on CUDA (DeiT and CCT used fp16 autocast + GradScaler); CPU runs stay fp32
     autocast = (torch.autocast('cuda', dtype=torch.bfloat16) if cfg['amp'] and device.type == 'cuda'
                 else contextlib.nullcontext())
-    out, lock, made, replacing = cfg['output_dir'], None, not os.path.exists(cfg['output_dir']), False
-    try:
-        if not args.eval_only:
-            lock, replacing = claim_run_folder(cfg, args, resume, rank, device)
+    out = cfg['output_dir']
+    folder = contextlib.nullcontext(False) if args.eval_only else run_folder(cfg, args, resume, rank, device)
+    with folder as replacing:
         ## what made this run: this session's code and command, after those of the sessions before it
         cfg['provenance'] = provenance(argv, world)
         before = (ckpt or {}).get('config', {})
@@ -1004,8 +939,7 @@ def run(argv):
         if rank == 0:
             print(json.dumps(dict(config=cfg)), flush=True)
             if not replacing:  # a replaced run's files stay until this run's first checkpoint
-                with contextlib.suppress(FileNotFoundError):  # a finished run training on (more epochs)
-                    os.remove(os.path.join(out, 'summary.json'))
+                pathlib.Path(out, 'summary.json').unlink(missing_ok=True)  # a finished run training on (more epochs)
                 atomic_write(os.path.join(out, 'config.json'), json_bytes(cfg))
             if is_own(resume, out):
                 reconcile_record(out, ckpt)
@@ -1023,9 +957,6 @@ def run(argv):
             atomic_write(os.path.join(out, 'summary.json'), summary_json(last_cfg, state['log'], state['best_epoch']))
             print(json.dumps(dict(summary=True, best_top1=round(state['best_top1'], 4), best_epoch=state['best_epoch'],
                                   epochs=cfg['total_epochs'], output_dir=out)), flush=True)
-    finally:
-        if lock is not None:
-            release_run_folder(out, lock, made)
 
 
 def main(argv=None):

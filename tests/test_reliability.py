@@ -397,7 +397,7 @@ def test_a_crafted_cifar_file_runs_no_code(tmp_path, capsys, monkeypatch):
     import numpy as np
     for protocol in (2, 4, 5):
         data = pickle.dumps({b'data': np.zeros((2, 3072), np.uint8), b'fine_labels': [1, 2]}, protocol=protocol)
-        assert train.CifarUnpickler(io.BytesIO(data), encoding='bytes').load()[b'data'].shape == (2, 3072)
+        assert augment.CifarUnpickler(io.BytesIO(data), encoding='bytes').load()[b'data'].shape == (2, 3072)
 
 
 def test_eval_only_goes_through_the_same_checks(tmp_path, capsys):
@@ -470,7 +470,7 @@ def test_other_local_ranks_wait_for_the_cifar_download(tmp_path):
     import threading
     threading.Timer(1.0, lambda: (tmp_path / 'cifar-100-python').mkdir()).start()
     t0 = time.time()
-    train.fetch_cifar100(str(tmp_path), local_rank=1)
+    augment.fetch_cifar100(str(tmp_path), local_rank=1)
     assert 0.9 < time.time() - t0 < 30
 
 
