@@ -372,14 +372,16 @@ class FolderCrops(torch.utils.data.Dataset):
         if self.random_crop:
             boxes, bicubic = crop_draws([im.height for im in images], [im.width for im in images], self.scale,
                                         self.bicubic_p, [seed for _, seed in keys])
-        x = torch.empty(len(keys), S, S, 3, dtype=torch.uint8)                     # PIL's layout: channels last
+        size = S * S * 3
+        batch = bytearray(len(keys) * size)                                         # PIL's layout: channels last
         for k, (path, _) in enumerate(samples):
             img, images[k] = images[k], None  # dropped after its crop: the next image is decoded into warm memory
             with img:
                 img = rgb(img, path)
             crop = (pil_resized_crop(img, boxes[k], bicubic[k], S) if self.random_crop else
                     pil_center_crop(img, S, self.crop_pct))
-            x[k] = torch.frombuffer(bytearray(crop.tobytes()), dtype=torch.uint8).view(S, S, 3)
+            batch[k * size:(k + 1) * size] = crop.tobytes()
+        x = torch.frombuffer(batch, dtype=torch.uint8).view(len(keys), S, S, 3)    # the buffer, not a copy
         return x.permute(0, 3, 1, 2), torch.tensor([label for _, label in samples])
 
 
