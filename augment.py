@@ -290,13 +290,6 @@ def pil_resized_crop(img, box, bicubic, size):
     return TF.resized_crop(img, *box, [size, size], mode)
 
 
-def pil_random_resized_crops(images, size, scale, bicubic_p, seeds):
-    """timm's RandomResizedCropAndInterpolation on PIL images: crop_draws, then pil_resized_crop -> PIL images. An
-    image-folder worker does the same, decoding each image just before its crop (FolderCrops)."""
-    boxes, bicubic = crop_draws([im.height for im in images], [im.width for im in images], scale, bicubic_p, seeds)
-    return [pil_resized_crop(im, box, bic, size) for im, box, bic in zip(images, boxes, bicubic)]
-
-
 def pil_center_crop(img, size, crop_pct):
     """DeiT's evaluation transform on a PIL image: Resize(int(size / crop_pct), bicubic) + CenterCrop(size)."""
     return TF.center_crop(TF.resize(img, int(size / crop_pct), InterpolationMode.BICUBIC), size)
@@ -366,7 +359,7 @@ class FolderCrops(torch.utils.data.Dataset):
     def __getitems__(self, keys):
         """A batch: uint8 (B, 3, S, S) (channels last in memory) and labels (B,). The boxes are drawn at once from
         the images' sizes (read from their headers); each image is decoded just before its crop, while it is in the
-        cache, and each crop is copied once, into the batch."""
+        cache, and its crop's bytes go into one buffer that becomes the batch tensor."""
         samples, S = [self.samples[index] for index, _ in keys], self.size
         images = [open_image(path) for path, _ in samples]
         if self.random_crop:
@@ -682,8 +675,7 @@ class Augment:
         if key not in self._consts or self._consts[key].n < B:
             ## normalize as timm does, (v / 255 - mean) / std in float32, for every value v, per channel: (C 256,)
             v = torch.arange(256, dtype=torch.float32) / 255
-            extra = dict(normalize=((v - torch.tensor(self.mean).view(-1, 1)) / torch.tensor(self.std).view(-1, 1)).view(-1),
-                         channels=(torch.arange(len(self.mean), dtype=torch.int32) * 256).view(1, -1, 1, 1))
+            extra = dict(normalize=((v - torch.tensor(self.mean).view(-1, 1)) / torch.tensor(self.std).view(-1, 1)).view(-1))
             if self.crop or (H, W) != (S, S):
                 extra.update(rows=resize_tables(H, S), cols=resize_tables(W, S) if W != H else None,
                              whole=crop_index(torch.tensor([[0, 0, H, W]]), torch.ones(1, dtype=torch.bool), H, W))
@@ -714,8 +706,8 @@ class Augment:
         return host, facts
 
     def normalize(self, x, c):
-        """uint8 (B, C, S, S) -> (v / 255 - mean) / std, float32, as a lookup per channel."""
-        return c.normalize.index_select(0, (x + c.channels).view(-1)).view(x.shape)
+        """uint8 (B, C, S, S) -> (v / 255 - mean) / std, float32, as a lookup per channel (table c at c 256)."""
+        return c.normalize.index_select(0, (x + c.channel[:1]).view(-1)).view(x.shape)
 
     def __call__(self, x, y):
         """x uint8 (B, C, H, W) and labels y (B,) on the device (x is consumed: it may be changed in place) ->

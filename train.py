@@ -786,23 +786,24 @@ def train(cfg, raw_model, model, optimizer, loaders, aug, sampler, state, device
 # main
 
 def resolve_run(argv, world):
-    """Every check before any work: flags, paths, --resume checkpoint. -> (args, cfg, resume path, checkpoint)."""
+    """Every check before any work: flags, paths, --resume checkpoint. -> (args, cfg, resume, checkpoint, finished)."""
     args = build_parser().parse_args(argv)
     if args.eval_only:
-        return (args,) + eval_config(args, world)
+        return (args,) + eval_config(args, world) + (False,)
     cfg = resolve_config(args, world)
     resume = os.path.join(cfg['output_dir'], 'last.pt') if args.resume == 'auto' else args.resume
     if args.resume == 'auto' and not os.path.exists(resume):
         resume = None  # nothing to resume yet: a new run
     ckpt = load_checkpoint(resume) if resume else None
-    if finished(args, cfg, resume, ckpt):  # a finished run needs no data: its data may be gone by now
+    done = finished(args, cfg, resume, ckpt)
+    if done:  # a finished run needs no data: its data may be gone by now
         settle_classes(cfg, ckpt['config'].get('classes'))
     else:
         check_paths(cfg, args)
         settle_classes(cfg, folder_classes(cfg['data_path']) if cfg['data'] == 'imagenet' else None)
     if ckpt is not None:
         check_resume(ckpt['config'], cfg, ckpt, args, resume)
-    return args, cfg, resume, ckpt
+    return args, cfg, resume, ckpt, done
 
 
 def settle_classes(cfg, classes):
@@ -867,8 +868,8 @@ def pick_device(local_rank, local_world):
 
 def run(argv):
     rank, world, local_rank = dist_env()
-    args, cfg, resume, ckpt = resolve_run(argv, world)  # every input checked before any work
-    if finished(args, cfg, resume, ckpt):  # a sweep run again: one line, no file written, no data loaded
+    args, cfg, resume, ckpt, done = resolve_run(argv, world)  # every input checked before any work
+    if done:  # a sweep run again: one line, no file written, no data loaded
         if rank == 0:
             best = ckpt['best_epoch']
             more = f' (this command asks for {cfg["total_epochs"]})' if ckpt['epoch'] > cfg['total_epochs'] else ''

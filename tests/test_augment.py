@@ -198,23 +198,33 @@ def test_a_layer_of_mixed_ops_equals_each_op_alone():
 
 # ------------------------------------------------------------------------------------------------ crops and boxes
 
-def test_worker_crop_is_timms_random_resized_crop():
-    """An image-folder worker's crops are timm's RandomResizedCropAndInterpolation: each image's box from rrc_boxes on
-    the uniforms of its own seed (checked against timm's get_params below), a batch of images of different sizes at
-    once, then torchvision's resized_crop on the PIL image with that box and interpolation, i.e. Pillow's crop +
-    resize - the call timm makes."""
+def image_files(folder, images):
+    """uint8 images (3, h, w) saved as PNG files (lossless) -> FolderCrops' samples [(path, 0)]."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        to_pil(img).save(folder / f'{i}.png')
+    return [(str(folder / f'{i}.png'), 0) for i in range(len(images))]
+
+
+def test_worker_crop_is_timms_random_resized_crop(tmp_path):
+    """An image-folder worker (FolderCrops, on image files, a batch at a time) crops as timm's
+    RandomResizedCropAndInterpolation: each image's box from rrc_boxes on the uniforms of its own seed (checked
+    against timm's get_params below), a batch of images of different sizes at once, then torchvision's resized_crop
+    on the PIL image with that box and interpolation, i.e. Pillow's crop + resize - the call timm makes."""
     from torchvision.transforms import InterpolationMode, functional as TF
-    images = [to_pil(natural_images(1, 200 + 40 * i, 300 - 30 * i, seed=2 + i)[0]) for i in range(4)]
-    seeds = [11, 5, 7, 3]
-    ours = [from_pil(im) for im in augment.pil_random_resized_crops(images, 96, (0.08, 1.0), 0.5, seeds)]
+    tensors = [natural_images(1, 200 + 40 * i, 300 - 30 * i, seed=2 + i)[0] for i in range(4)]
+    images, seeds = [to_pil(t) for t in tensors], [11, 5, 7, 3]
+    worker = augment.FolderCrops(image_files(tmp_path, tensors), 96, True, (0.08, 1.0), 'random')
+    x, labels = worker.__getitems__(list(enumerate(seeds)))
+    assert x.shape == (4, 3, 96, 96) and x.dtype == torch.uint8 and labels.tolist() == [0] * 4
+    ours = x.float()
     for img, seed, got in zip(images, seeds, ours):
         u = torch.rand(augment.BOX_DRAWS + 1, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
         top, left, h, w = augment.rrc_boxes(1, img.height, img.width, (0.08, 1.0), u=u[None, :-1])[0].int().tolist()
         mode = InterpolationMode.BICUBIC if u[-1] < 0.5 else InterpolationMode.BILINEAR
         assert torch.equal(got, from_pil(TF.resized_crop(img, top, left, h, w, [96, 96], mode)))
     ## the batch does not change an image's crop: alone, with the same seed, it is the same
-    assert torch.equal(from_pil(augment.pil_random_resized_crops(images[2:3], 96, (0.08, 1.0), 0.5, seeds[2:3])[0]),
-                       ours[2])
+    assert torch.equal(worker[(2, seeds[2])][0], x[2])
 
 
 @pytest.mark.parametrize('crop_pct', [0.875, 1.0])
@@ -314,16 +324,15 @@ def cfg_for(*argv):
     return train.resolve_config(train.build_parser().parse_args(list(argv) + ['--mixup', '0', '--cutmix', '0']), 1)
 
 
-def our_stats(cfg, images, seeds, folder):
-    aug = train.make_augment(cfg, in_memory=not folder)
+def our_stats(cfg, images, seeds, folder=None):
+    """train.py's augmentation of the images; folder: their files, cropped by FolderCrops as a worker does."""
+    aug = train.make_augment(cfg, in_memory=folder is None)
+    if folder is not None:
+        folder = augment.FolderCrops(folder, cfg['img_size_resolved'], True, cfg['rrc_scale'], cfg['interpolation'])
     out = []
     for s in range(seeds):
         torch.manual_seed(s)
-        x = images
-        if folder:  # what augment.FolderCrops does per image in a worker: timm's random resized crop, with Pillow
-            x = torch.stack([from_pil(im).to(torch.uint8) for im in augment.pil_random_resized_crops(
-                [to_pil(img) for img in images], cfg['img_size_resolved'], cfg['rrc_scale'], 1.0,
-                range(s * 1000, s * 1000 + len(images)))])
+        x = images if folder is None else folder.__getitems__([(i, s * 1000 + i) for i in range(len(images))])[0]
         out.append(aug(x, torch.zeros(len(x), dtype=torch.long))[0])
     return stats(torch.cat(out))
 
@@ -343,7 +352,7 @@ def timm_stats(tf, images, seeds):
 
 
 @pytest.mark.parametrize('recipe', ['vit_lite', 'deit'])
-def test_training_transform_statistics_match_timm_create_transform(recipe):
+def test_training_transform_statistics_match_timm_create_transform(recipe, tmp_path):
     """train.py's augmentation (MixUp/CutMix off) vs timm's create_transform configured as the official recipe:
     RandomResizedCrop, h-flip, RandAugment rand-m9-mstd0.5-inc1, normalize, RandomErasing (pixel) - 1200 augmented
     photo crops each. The statistics agree within what 1200 samples allow; without RandAugment or without erasing
@@ -355,7 +364,7 @@ def test_training_transform_statistics_match_timm_create_transform(recipe):
         tf = create_transform(32, is_training=True, scale=(0.8, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5,
                               auto_augment='rand-m9-mstd0.5-inc1', interpolation='random', mean=mean, std=std,
                               re_prob=0.25, re_mode='pixel', re_count=1)
-        folder = False
+        folder = None
     else:
         cfg, size = cfg_for('--model', 'deit_tiny', '--img-size', '48', '--patch-size', '16'), 48
         images = [natural_images(1, 60 + 7 * (i % 9), 72 + 5 * (i % 7), seed=100 + i)[0] for i in range(300)]
@@ -363,7 +372,7 @@ def test_training_transform_statistics_match_timm_create_transform(recipe):
         tf = create_transform(48, is_training=True, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5,
                               auto_augment='rand-m9-mstd0.5-inc1', interpolation='bicubic', mean=mean, std=std,
                               re_prob=0.25, re_mode='pixel', re_count=1, color_jitter=0.4)
-        folder = True
+        folder = image_files(tmp_path, images)                        # read as the workers read image files
     theirs = timm_stats(tf, images, 4)
     ours = our_stats(cfg, images, 4, folder)
     assert ours.shape == theirs.shape and cfg['img_size_resolved'] == size
